@@ -105,7 +105,7 @@ def validate_compiled(wl: CompiledWorkload) -> None:
             raise WorkloadError(f"{name}: expected float64[{n_req}], got {arr.dtype} {arr.shape}")
         bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
         if bad.size:
-            raise WorkloadError(f"request {bad[0]}: {name} = {arr[bad[0]]!r} (must be finite, >= 0)")
+            raise WorkloadError(f"request {bad[0]}: {name} = {float(arr[bad[0]])!r} (must be finite, >= 0)")
     if n_req == 0:
         raise WorkloadError("the workload has no requests")
     for name, arr in (("req_prompt_tokens", wl.req_prompt_tokens), ("req_output_tokens", wl.req_output_tokens)):

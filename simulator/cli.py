@@ -1,0 +1,162 @@
+"""The ``servesim`` command line: a thin shell over :mod:`simulator.simulate`.
+
+Every user error (bad YAML, unknown field, impossible model/GPU combination, missing file)
+prints one line naming the problem and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from simulator.config import ExperimentError, experiment_json_schema, load_experiment
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _fmt_seconds(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} us"
+    if x < 1.0:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x:.2f} s"
+
+
+def print_summary(s: dict) -> None:
+    """Human-readable summary of a run."""
+    click.echo(
+        f"requests: {s['num_finished']:,} finished, {s['num_rejected']:,} rejected, "
+        f"{s['num_unfinished']:,} unfinished, in {s['simulated_seconds']:.1f} simulated s"
+    )
+    for reason, count in s["reject_reasons"].items():
+        click.echo(f"  rejected ({reason}): {count:,}")
+    click.echo(f"{'metric':<12}{'p50':>11}{'p90':>11}{'p95':>11}{'p99':>11}{'mean':>11}")
+    for key, label in (("ttft", "TTFT"), ("tbt", "TBT"), ("tpot", "TPOT"), ("e2e", "E2E"),
+                       ("queue_time", "queue")):
+        row = "".join(f"{_fmt_seconds(s[f'{key}_p{p}']):>11}" for p in (50, 90, 95, 99))
+        click.echo(f"{label:<12}{row}{_fmt_seconds(s[f'{key}_mean']):>11}")
+    click.echo(
+        f"throughput: {s['output_tokens_per_s']:,.0f} output tok/s "
+        f"({s['output_tokens_per_s_per_gpu']:,.0f} per GPU, {s['num_gpus']} GPUs), "
+        f"{s['requests_per_s']:.2f} req/s"
+    )
+    click.echo(
+        f"prefix cache hit rate: {s['prefix_cache_hit_rate'] * 100:.1f}%   "
+        f"preemptions: {s['num_preemptions']:,}   peak KV usage: {s['peak_kv_usage'] * 100:.1f}%   "
+        f"evicted blocks: {s['num_evicted_blocks']:,}"
+    )
+    click.echo(f"wall time: {s['wall_seconds']:.2f} s ({s['num_events']:,} events)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="servesim")
+def main() -> None:
+    """servesim: simulate GPU LLM serving of agentic workloads."""
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="directory for requests.parquet and summary.json (default: outputs.dir)")
+@click.option("--seed", type=int, default=None, help="override the experiment's seed")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
+@click.option("--check", is_flag=True, help="verify conservation invariants after the run")
+@click.option("--progress/--no-progress", default=None, help="force the progress bar on/off")
+def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool, check: bool,
+        progress: bool | None) -> None:
+    """Simulate EXPERIMENT (a YAML file) and print its summary."""
+    from simulator.simulate import plan_replicas, simulate
+
+    try:
+        exp = load_experiment(experiment)
+        if seed is not None:
+            if seed < 0:
+                raise ExperimentError(f"--seed: must be >= 0 (got {seed})")
+            exp = exp.model_copy(update={"seed": seed})
+        plans = plan_replicas(exp)
+    except ExperimentError as exc:
+        _fail(str(exc))
+        return
+    if not as_json:
+        click.echo(f"experiment {exp.name}: {len(plans)} replica(s), seed {exp.seed}")
+        seen = set()
+        for p in plans:
+            key = (p.model, p.hardware, p.tp, p.num_blocks)
+            if key in seen:
+                continue
+            seen.add(key)
+            click.echo(f"  {p.model} on {p.hardware} x{p.tp}: {p.capacity_text}")
+    try:
+        result = simulate(exp, progress=progress)
+    except ExperimentError as exc:
+        _fail(str(exc))
+        return
+    if check:
+        from simulator.invariants import check_result
+
+        problems = check_result(result)
+        if problems:
+            for p in problems:
+                click.echo(f"invariant violated: {p}", err=True)
+            sys.exit(1)
+    target = out_dir or (Path(exp.outputs.dir) if exp.outputs.dir else None)
+    if target is not None:
+        result.save(target)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, default=float))
+    else:
+        print_summary(summary)
+        if check:
+            click.echo("invariants: all hold")
+        if target is not None:
+            click.echo(f"results written to {target}/")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of experiment YAML files."""
+    click.echo(json.dumps(experiment_json_schema(), indent=2))
+
+
+@main.command()
+@click.option("--requests", "num_requests", type=click.IntRange(min=1000), default=100_000,
+              show_default=True, help="requests in the benchmark workload")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench(num_requests: int, as_json: bool) -> None:
+    """Measure simulator speed on a standard chat workload (1 H100, Llama-3.1-8B)."""
+    from simulator.bench import run_bench
+
+    report = run_bench(num_requests)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"workload: {report['workload']}")
+    click.echo(f"JIT compile/load: {report['compile_seconds']:.2f} s "
+               f"({'cache hit' if report['compile_seconds'] < 5 else 'cold'})")
+    click.echo(f"simulation: {report['num_requests']:,} requests in {report['wall_seconds']:.2f} "
+               f"s wall = {report['requests_per_wall_second']:,.0f} simulated requests/s")
+    click.echo(f"simulated: {report['simulated_seconds']:.0f} s, "
+               f"{report['output_tokens_per_s']:,.0f} output tok/s, "
+               f"TTFT p50 {_fmt_seconds(report['ttft_p50'])}, peak KV {report['peak_kv_usage']:.0%}")
+    click.echo(f"peak memory (RSS): {report['peak_rss_mib']:.0f} MiB")
+
+
+def _register_optional() -> None:
+    try:
+        from simulator.cli_step import step_command
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    main.add_command(step_command, name="step")
+
+
+_register_optional()

@@ -1,0 +1,187 @@
+"""Experiment configuration: pydantic v2 models loaded from YAML, validated before anything runs.
+
+An experiment names a model, a GPU, engine settings, the replicas of a cluster, a workload and
+where to write results::
+
+    name: quickstart
+    seed: 0
+    model: llama-3.1-8b            # shipped name or path to a Hugging Face config.json
+    hardware: h100-sxm             # shipped name or path to a hardware profile YAML
+    engine:                        # vLLM V1 settings; unset ones take vLLM's defaults for the GPU
+      max_num_batched_tokens: 8192
+    cluster:
+      replicas: [{count: 1}]       # each entry may override model, hardware, engine
+      router: round_robin
+    workload: ../workloads/chat.yaml   # path (relative to this file) or an inline spec
+    outputs: {dir: runs/quickstart}
+
+Every model is frozen and rejects unknown keys. :func:`load_experiment` turns any problem into an
+:class:`ExperimentError` whose message names the file, the field path and the bad value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from simulator.workload.compile import format_validation_error, parse_workload_spec
+from simulator.workload.compiled import WorkloadError
+from simulator.workload.spec import WorkloadSpec
+
+GIB = 1024**3
+
+# vLLM V1 defaults (REFERENCE.md §1, `EngineArgs.get_batch_defaults`, vllm/engine/arg_utils.py):
+# GPUs with >= 70 GiB that are not A100s get max_num_batched_tokens 8192 for the OpenAI API
+# server (16384 for the offline LLM class) and max_num_seqs 1024; smaller GPUs 2048 and 256.
+LARGE_GPU_BYTES = 70 * GIB
+LARGE_GPU_DEFAULTS = (8192, 1024)
+SMALL_GPU_DEFAULTS = (2048, 256)
+# vLLM's gpu_memory_utilization default (0.9 for most releases; 0.92 on the newest main).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+DEFAULT_BLOCK_SIZE = 16  # vllm/config/cache.py DEFAULT_BLOCK_SIZE
+DEFAULT_MAX_MODEL_LEN = 131072
+
+
+class ExperimentError(ValueError):
+    """A configuration problem; the message is one line naming file, field and value."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineConfig(_Model):
+    """One replica's serving engine (vLLM V1 semantics). ``None`` means "vLLM's default"."""
+
+    tp: int = Field(1, ge=1, le=64, description="tensor-parallel GPUs per replica")
+    weight_dtype: Literal["bf16", "fp8"] = "bf16"
+    kv_dtype: Literal["bf16", "fp8"] = "bf16"
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1024, description="tokens per KV block")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="token budget per step")
+    max_num_seqs: int | None = Field(None, ge=1, le=65536, description="max running requests")
+    max_model_len: int | None = Field(
+        None, ge=2, description=f"max prompt + output tokens (default {DEFAULT_MAX_MODEL_LEN})"
+    )
+    gpu_memory_utilization: float = Field(DEFAULT_GPU_MEMORY_UTILIZATION, gt=0.0, le=1.0)
+    enable_prefix_caching: bool = True
+    activation_reserve_gib: float | None = Field(
+        None, ge=0.0, description="GPU memory kept for activations (GiB); default: estimated"
+    )
+    num_gpu_blocks_override: int | None = Field(
+        None, ge=1, description="force the KV block count (as vLLM's num_gpu_blocks_override)"
+    )
+
+
+class ReplicaGroup(_Model):
+    """``count`` identical replicas; unset fields inherit the experiment's model/hardware/engine."""
+
+    count: int = Field(1, ge=1, le=4096)
+    model: str | None = None
+    hardware: str | None = None
+    engine: dict[str, Any] | None = Field(
+        None, description="engine fields overriding the experiment's engine for these replicas"
+    )
+
+
+class ClusterConfig(_Model):
+    replicas: list[ReplicaGroup] = Field(default_factory=lambda: [ReplicaGroup()], min_length=1)
+    router: Literal["round_robin", "least_outstanding", "session_affinity"] = "round_robin"
+
+
+class OutputConfig(_Model):
+    dir: str | None = Field(None, description="directory for results (relative to the CWD)")
+
+
+class Experiment(_Model):
+    name: str = "experiment"
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    model: str
+    hardware: str
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    workload: WorkloadSpec
+    outputs: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ExperimentError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ExperimentError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ExperimentError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def _resolve_workload(value: Any, base: Path, source: str) -> WorkloadSpec:
+    if isinstance(value, str):
+        candidates = [base / value, Path(value)]
+        for cand in candidates:
+            if cand.is_file():
+                data = _load_yaml(cand)
+                try:
+                    return parse_workload_spec(data, str(cand))
+                except WorkloadError as exc:
+                    raise ExperimentError(str(exc)) from None
+        raise ExperimentError(f"{source}: workload: file not found: {value!r}")
+    if isinstance(value, dict):
+        try:
+            return parse_workload_spec(value, f"{source}: workload")
+        except WorkloadError as exc:
+            raise ExperimentError(str(exc)) from None
+    raise ExperimentError(
+        f"{source}: workload: expected a file path or a mapping (got {type(value).__name__})"
+    )
+
+
+def parse_experiment(data: Any, source: str = "<experiment>", base: Path | None = None) -> Experiment:
+    """Validate a parsed YAML mapping; ``base`` resolves relative workload paths."""
+    if not isinstance(data, dict):
+        raise ExperimentError(
+            f"{source}: expected a mapping at the top level (got {type(data).__name__})"
+        )
+    data = dict(data)
+    if "workload" not in data:
+        raise ExperimentError(f"{source}: workload: field required")
+    data["workload"] = _resolve_workload(data["workload"], base or Path("."), source)
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ExperimentError(format_validation_error(source, err, data)) from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    return parse_experiment(_load_yaml(path), str(path), path.parent)
+
+
+def engine_for(exp: Experiment, group: ReplicaGroup, source: str = "<experiment>") -> EngineConfig:
+    """The engine of a replica group: the experiment's engine with the group's overrides."""
+    if not group.engine:
+        return exp.engine
+    merged = exp.engine.model_dump() | dict(group.engine)
+    try:
+        return EngineConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ExperimentError(
+            format_validation_error(f"{source}: cluster.replicas.engine", err, merged)
+        ) from None
+
+
+def batch_defaults(hbm_bytes: float) -> tuple[int, int]:
+    """vLLM's (max_num_batched_tokens, max_num_seqs) defaults for a GPU of ``hbm_bytes``."""
+    return LARGE_GPU_DEFAULTS if hbm_bytes >= LARGE_GPU_BYTES else SMALL_GPU_DEFAULTS
+
+
+def experiment_json_schema() -> dict[str, Any]:
+    return Experiment.model_json_schema()

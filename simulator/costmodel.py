@@ -1,0 +1,446 @@
+"""Roofline step-time model: one engine step (a batch's forward pass) -> seconds.
+
+The model is split in two halves, in the style of the rest of the simulator:
+
+- :func:`build_cost_params` (Python) turns a :class:`~simulator.models.ModelSpec`, a
+  :class:`~simulator.hardware.HardwareProfile`, a tensor-parallel degree and dtypes into one flat
+  float64 vector. The named ``P_*`` constants below index it. Everything in it is *per GPU*.
+- :func:`step_seconds` (``@njit``) reads that vector plus the batch composition and returns the
+  step's predicted duration. It allocates nothing and its work is O(num_seqs).
+
+Per operator group the time is ``max(flops / achievable_flops, bytes / achievable_bandwidth)``;
+the step time is the sum over groups plus a fixed per-step and per-layer overhead.
+
+Groups
+------
+``qkv_o``
+    attention projections of every layer (q/k/v/o, MLA's low-rank projections, and Gated
+    DeltaNet's input/output projections): weights streamed once per step, 2 FLOPs per weight
+    per token.
+``mlp``
+    dense (SwiGLU) MLPs.
+``moe``
+    routed experts, shared experts and the router. Only the experts the batch touches are
+    read: with T tokens and top-k of E experts, the expected number of distinct experts per
+    MoE layer is ``E * (1 - (1 - k/E)**T)`` (uniform independent routing). Shared experts
+    are always read.
+``attention_prefill`` / ``attention_decode``
+    the attention core (scores and weighted values) of full-attention layers. A sequence with
+    at most ``DECODE_MAX_NEW_TOKENS`` new tokens (a decode, or a speculative verify) is a
+    decode; more is a prefill chunk. FLOPs: ``flops_per_pair * (new * context + new*(new+1)/2)``
+    per layer (causal), i.e. ~``4*heads*head_dim*new*(context + new/2)`` for standard
+    attention. Bytes: the KV cache of the ``context + new`` tokens read once and the new
+    tokens' KV written, plus query/output activations.
+``linear_attention``
+    the recurrent core of Gated DeltaNet layers: per sequence the fixed state is read and
+    written once; per token about ``6 * value_heads * key_dim * value_dim`` FLOPs (decay,
+    retrieval, rank-1 update, readout) plus the short convolution.
+``lm_head``
+    logits for one row per sequence (``num_seqs`` rows): the bf16 head is read, fp32 logits
+    written.
+``allreduce``
+    two all-reduces per layer under TP (after attention and after the MLP), ring algorithm:
+    ``2*(tp-1)/tp * bytes / (per-direction NVLink bandwidth * efficiency) + latency`` each.
+    Zero when ``tp == 1``.
+
+Activation traffic (reading a matmul's input, writing its output, norms, residual adds,
+SiLU-and-multiply) is added to the bytes of ``qkv_o``, ``mlp`` and ``moe`` as an approximate
+per-token figure. Left out: embedding lookup, sampling, MLA's up-projection of cached latents
+during prefill, kernel-shape effects between the roofline corners.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from simulator.hardware import HardwareProfile
+from simulator.models import ModelSpec, dtype_bytes
+
+__all__ = [
+    "DECODE_MAX_NEW_TOKENS",
+    "GROUP_NAMES",
+    "build_cost_params",
+    "check_tp",
+    "step_breakdown",
+    "step_seconds",
+]
+
+#: A sequence computing at most this many tokens in a step is a decode (1, or 1+k drafts).
+DECODE_MAX_NEW_TOKENS = 8
+
+# ---- params vector layout (all figures per GPU) ----
+P_NUM_LAYERS = 0  # decoder layers (count)
+P_HIDDEN = 1  # hidden size (elements)
+P_TP = 2  # tensor-parallel degree
+P_MATMUL_RATE = 3  # achievable GEMM throughput (FLOP/s)
+P_ATTN_RATE = 4  # achievable attention-kernel throughput (FLOP/s)
+P_MEM_RATE = 5  # achievable HBM bandwidth (bytes/s)
+P_WEIGHT_BYTES = 6  # bytes per matmul weight element (2 bf16, 1 fp8)
+P_ACT_BYTES = 7  # bytes per activation element (2, bf16)
+P_PROJ_PARAMS = 8  # attention-projection matmul weights, all layers (elements)
+P_PROJ_ACT_BYTES = 9  # activation bytes per token for the qkv_o group, all layers
+P_DENSE_PARAMS = 10  # dense-MLP weights, all dense layers (elements)
+P_DENSE_ACT_BYTES = 11  # activation bytes per token for the mlp group, all layers
+P_NUM_MOE_LAYERS = 12  # MoE layers (count)
+P_NUM_EXPERTS = 13  # routed experts per MoE layer
+P_TOP_K = 14  # experts per token
+P_EXPERT_PARAMS = 15  # weights of one routed expert on this GPU (elements)
+P_SHARED_PARAMS = 16  # shared-expert weights per MoE layer on this GPU (elements)
+P_ROUTER_PARAMS = 17  # router weights per MoE layer (replicated, bf16) (elements)
+P_MOE_ACT_BYTES = 18  # activation bytes per token for the moe group, all MoE layers
+P_NUM_KV_LAYERS = 19  # full-attention layers (count)
+P_ATTN_FLOPS_PREFILL = 20  # attention FLOPs per (query, key) pair per layer, prefill form
+P_ATTN_FLOPS_DECODE = 21  # attention FLOPs per (query, key) pair per layer, decode form
+P_KV_BYTES_PER_TOKEN_LAYER = 22  # KV-cache bytes per token per layer on this GPU
+P_ATTN_ACT_BYTES = 23  # query + output activation bytes per new token per layer
+P_NUM_LINEAR_LAYERS = 24  # linear-attention layers (count)
+P_LINEAR_STATE_BYTES = 25  # recurrent state per sequence per layer on this GPU (bytes)
+P_LINEAR_FLOPS_PER_TOKEN = 26  # recurrent-core FLOPs per token per layer on this GPU
+P_LM_HEAD_PARAMS = 27  # LM-head weights on this GPU (elements, bf16)
+P_VOCAB_PER_GPU = 28  # vocabulary shard (logit columns on this GPU)
+P_AR_BANDWIDTH = 29  # all-reduce bandwidth: per-direction link bw x efficiency (bytes/s)
+P_AR_LATENCY = 30  # seconds per all-reduce
+P_STEP_OVERHEAD = 31  # seconds per step
+P_LAYER_OVERHEAD = 32  # seconds per layer per step
+P_DECODE_MAX_NEW = 33  # DECODE_MAX_NEW_TOKENS
+P_HEAD_RATE = 34  # achievable GEMM throughput for the bf16 LM head (FLOP/s)
+NUM_PARAMS = 35
+
+#: Operator groups, in the order :func:`step_breakdown` reports them.
+GROUP_NAMES = (
+    "qkv_o",
+    "mlp",
+    "moe",
+    "attention_prefill",
+    "attention_decode",
+    "linear_attention",
+    "lm_head",
+    "allreduce",
+)
+G_QKV_O, G_MLP, G_MOE, G_ATTN_PREFILL, G_ATTN_DECODE, G_LINEAR, G_LM_HEAD, G_ALLREDUCE = range(8)
+
+
+def check_tp(model: ModelSpec, tp: int) -> None:
+    """ValueError unless tensor parallelism of degree ``tp`` can split ``model``'s heads."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tp must be a positive integer (got {tp!r})")
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"tp={tp} does not divide {model.name}'s {model.num_attention_heads} attention heads"
+        )
+    kv = model.num_kv_heads
+    if not model.is_mla and (kv % tp if kv >= tp else tp % kv):
+        raise ValueError(
+            f"tp={tp} and {model.name}'s {kv} KV heads: one must divide the other "
+            "(KV heads are split, or replicated when fewer than tp)"
+        )
+    if model.num_linear_attention_layers:
+        for field in ("linear_num_key_heads", "linear_num_value_heads"):
+            if getattr(model, field) % tp:
+                raise ValueError(
+                    f"tp={tp} does not divide {model.name}'s {field}={getattr(model, field)}"
+                )
+    if model.num_dense_layers and model.intermediate_size % tp:
+        raise ValueError(
+            f"tp={tp} does not divide {model.name}'s intermediate_size={model.intermediate_size}"
+        )
+
+
+def build_cost_params(
+    model: ModelSpec,
+    hw: HardwareProfile,
+    tp: int = 1,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+) -> np.ndarray:
+    """The per-GPU parameter vector :func:`step_seconds` reads (float64[NUM_PARAMS]).
+
+    ``weight_dtype`` is ``"bf16"`` or ``"fp8"`` (fp8: FP8 GEMMs at the FP8 peak and 1 byte per
+    matmul weight; embeddings and LM head stay bf16). ``kv_dtype`` is ``"bf16"`` or ``"fp8"``.
+    Raises ValueError when ``tp`` cannot split the model's heads.
+    """
+    check_tp(model, tp)
+    if weight_dtype not in ("bf16", "fp8"):
+        raise ValueError(f"weight_dtype must be 'bf16' or 'fp8' (got {weight_dtype!r})")
+    if kv_dtype not in ("bf16", "fp8"):
+        raise ValueError(f"kv_dtype must be 'bf16' or 'fp8' (got {kv_dtype!r})")
+    act = 2.0
+    h = float(model.hidden_size)
+    n_full = model.num_full_attention_layers
+    n_lin = model.num_linear_attention_layers
+    n_moe = model.num_moe_layers
+    n_dense = model.num_dense_layers
+    kvb = dtype_bytes(kv_dtype)
+
+    p = np.zeros(NUM_PARAMS, dtype=np.float64)
+    p[P_NUM_LAYERS] = model.num_layers
+    p[P_HIDDEN] = h
+    p[P_TP] = tp
+    p[P_MATMUL_RATE] = hw.matmul_rate(weight_dtype)
+    p[P_ATTN_RATE] = hw.peak_flops.bf16 * hw.attention_efficiency
+    p[P_MEM_RATE] = hw.hbm_bandwidth * hw.memory_efficiency
+    p[P_WEIGHT_BYTES] = dtype_bytes(weight_dtype)
+    p[P_ACT_BYTES] = act
+
+    proj = (
+        n_full * model.full_attention_matmul_params()
+        + n_lin * model.linear_attention_matmul_params()
+    ) / tp
+    p[P_PROJ_PARAMS] = proj
+    # per matmul: input + output activations (2h + P/h over a layer's two matmuls),
+    # plus two RMSNorms and two residual adds (about 4h read+written)
+    p[P_PROJ_ACT_BYTES] = act * (model.num_layers * 6.0 * h + proj / h)
+
+    dense = n_dense * model.dense_mlp_params() / tp
+    p[P_DENSE_PARAMS] = dense
+    # gate/up in, gate/up out, SiLU*mul, down in/out: about 2h + 2P/h per layer
+    p[P_DENSE_ACT_BYTES] = act * (n_dense * 2.0 * h + 2.0 * dense / h)
+
+    p[P_NUM_MOE_LAYERS] = n_moe
+    if n_moe:
+        expert = model.expert_params() / tp
+        shared = model.shared_expert_params() / tp
+        p[P_NUM_EXPERTS] = model.num_experts
+        p[P_TOP_K] = model.num_experts_per_tok
+        p[P_EXPERT_PARAMS] = expert
+        p[P_SHARED_PARAMS] = shared
+        p[P_ROUTER_PARAMS] = model.router_params()
+        copies = model.num_experts_per_tok + model.num_shared_experts
+        p[P_MOE_ACT_BYTES] = (
+            act
+            * n_moe
+            * (copies * 2.0 * h + 2.0 * (model.num_experts_per_tok * expert + shared) / h)
+        )
+
+    heads = model.num_attention_heads / tp
+    p[P_NUM_KV_LAYERS] = n_full
+    if model.is_mla:
+        latent = model.kv_lora_rank + model.qk_rope_head_dim
+        p[P_ATTN_FLOPS_PREFILL] = 2.0 * heads * (model.qk_head_dim + model.v_head_dim)
+        # decode runs the absorbed form: scores over the latent+rope, values over the latent
+        p[P_ATTN_FLOPS_DECODE] = 2.0 * heads * (latent + model.kv_lora_rank)
+        p[P_KV_BYTES_PER_TOKEN_LAYER] = latent * kvb  # one latent, not split by TP
+    else:
+        p[P_ATTN_FLOPS_PREFILL] = 4.0 * heads * model.head_dim
+        p[P_ATTN_FLOPS_DECODE] = 4.0 * heads * model.head_dim
+        kv_heads_gpu = max(1, model.num_kv_heads // tp)
+        p[P_KV_BYTES_PER_TOKEN_LAYER] = 2.0 * kv_heads_gpu * model.head_dim * kvb
+    p[P_ATTN_ACT_BYTES] = act * heads * (model.qk_head_dim + model.attn_v_head_dim)
+
+    p[P_NUM_LINEAR_LAYERS] = n_lin
+    if n_lin:
+        p[P_LINEAR_STATE_BYTES] = model.linear_state_bytes_per_layer("bf16") / tp
+        core = (
+            6.0
+            * model.linear_num_value_heads
+            * model.linear_key_head_dim
+            * model.linear_value_head_dim
+        )
+        conv = 2.0 * model.linear_conv_dim * model.linear_conv_kernel_dim
+        p[P_LINEAR_FLOPS_PER_TOKEN] = (core + conv) / tp
+
+    p[P_LM_HEAD_PARAMS] = model.vocab_size * h / tp
+    p[P_VOCAB_PER_GPU] = model.vocab_size / tp
+    p[P_AR_BANDWIDTH] = hw.nvlink_bandwidth_per_direction * hw.allreduce_efficiency
+    p[P_AR_LATENCY] = hw.allreduce_latency_s
+    p[P_STEP_OVERHEAD] = hw.step_overhead_s
+    p[P_LAYER_OVERHEAD] = hw.layer_overhead_s
+    p[P_DECODE_MAX_NEW] = DECODE_MAX_NEW_TOKENS
+    p[P_HEAD_RATE] = hw.matmul_rate("bf16")
+    return p
+
+
+@numba.njit(cache=True)
+def _roofline(flops, nbytes, flop_rate, byte_rate):
+    return max(flops / flop_rate, nbytes / byte_rate)
+
+
+@numba.njit(cache=True)
+def _step_terms(params, new_tokens, context_tokens, num_seqs):
+    """FLOPs and bytes of every group, in GROUP_NAMES order, plus the overhead (seconds).
+
+    Returns a flat tuple: (f0, b0, f1, b1, ..., f7, b7, overhead). No allocation.
+    """
+    h = params[P_HIDDEN]
+    tp = params[P_TP]
+    wb = params[P_WEIGHT_BYTES]
+    act = params[P_ACT_BYTES]
+    decode_max = params[P_DECODE_MAX_NEW]
+    n_kv = params[P_NUM_KV_LAYERS]
+    kv_tok = params[P_KV_BYTES_PER_TOKEN_LAYER]
+    attn_act = params[P_ATTN_ACT_BYTES]
+    f_pre = params[P_ATTN_FLOPS_PREFILL]
+    f_dec = params[P_ATTN_FLOPS_DECODE]
+    n_lin = params[P_NUM_LINEAR_LAYERS]
+    lin_state = params[P_LINEAR_STATE_BYTES]
+    lin_flops = params[P_LINEAR_FLOPS_PER_TOKEN]
+
+    total = 0.0
+    rows = 0.0
+    ap_f = 0.0
+    ap_b = 0.0
+    ad_f = 0.0
+    ad_b = 0.0
+    la_f = 0.0
+    la_b = 0.0
+    for i in range(num_seqs):
+        q = float(new_tokens[i])
+        if q <= 0.0:
+            continue
+        c = float(context_tokens[i])
+        total += q
+        rows += 1.0
+        pairs = q * c + q * (q + 1.0) * 0.5
+        kv_bytes = n_kv * (kv_tok * (c + q) + kv_tok * q + attn_act * q)
+        if q <= decode_max:
+            ad_f += n_kv * f_dec * pairs
+            ad_b += kv_bytes
+        else:
+            ap_f += n_kv * f_pre * pairs
+            ap_b += kv_bytes
+        if n_lin > 0.0:
+            la_f += n_lin * lin_flops * q
+            la_b += n_lin * (2.0 * lin_state + 2.0 * act * h * q / tp)
+
+    if total <= 0.0:  # nothing to compute: no step, no cost
+        return (0.0,) * 16 + (0.0,)
+
+    proj = params[P_PROJ_PARAMS]
+    qkv_f = 2.0 * total * proj
+    qkv_b = proj * wb + total * params[P_PROJ_ACT_BYTES]
+
+    dense = params[P_DENSE_PARAMS]
+    mlp_f = 2.0 * total * dense
+    mlp_b = dense * wb + total * params[P_DENSE_ACT_BYTES]
+
+    moe_f = 0.0
+    moe_b = 0.0
+    n_moe = params[P_NUM_MOE_LAYERS]
+    if n_moe > 0.0 and total > 0.0:
+        e = params[P_NUM_EXPERTS]
+        k = params[P_TOP_K]
+        expert = params[P_EXPERT_PARAMS]
+        shared = params[P_SHARED_PARAMS]
+        router = params[P_ROUTER_PARAMS]
+        touched = e * (1.0 - (1.0 - k / e) ** total)
+        moe_f = n_moe * 2.0 * total * (k * expert + shared + router)
+        moe_b = n_moe * ((touched * expert + shared) * wb + router * 2.0)
+        moe_b += total * params[P_MOE_ACT_BYTES]
+
+    head = params[P_LM_HEAD_PARAMS]
+    lm_f = 2.0 * rows * head
+    lm_b = head * 2.0 + rows * params[P_VOCAB_PER_GPU] * 4.0 + rows * h * act
+
+    ar_f = 0.0
+    ar_b = 0.0
+    if tp > 1.0 and total > 0.0:
+        ar_b = 2.0 * params[P_NUM_LAYERS] * 2.0 * (tp - 1.0) / tp * total * h * act
+
+    overhead = params[P_STEP_OVERHEAD] + params[P_LAYER_OVERHEAD] * params[P_NUM_LAYERS]
+    return (
+        qkv_f,
+        qkv_b,
+        mlp_f,
+        mlp_b,
+        moe_f,
+        moe_b,
+        ap_f,
+        ap_b,
+        ad_f,
+        ad_b,
+        la_f,
+        la_b,
+        lm_f,
+        lm_b,
+        ar_f,
+        ar_b,
+        overhead,
+    )
+
+
+@numba.njit(cache=True)
+def _group_times(params, terms):
+    """(compute_seconds, memory_seconds) of each group, as two 8-tuples."""
+    mm = params[P_MATMUL_RATE]
+    at = params[P_ATTN_RATE]
+    mem = params[P_MEM_RATE]
+    head_rate = params[P_HEAD_RATE]
+    ar_bw = params[P_AR_BANDWIDTH]
+    n_ar = 2.0 * params[P_NUM_LAYERS]
+    ar_time = 0.0
+    if terms[15] > 0.0:
+        ar_time = terms[15] / ar_bw + n_ar * params[P_AR_LATENCY]
+    compute = (
+        terms[0] / mm,
+        terms[2] / mm,
+        terms[4] / mm,
+        terms[6] / at,
+        terms[8] / at,
+        terms[10] / at,
+        terms[12] / head_rate,
+        0.0,
+    )
+    memory = (
+        terms[1] / mem,
+        terms[3] / mem,
+        terms[5] / mem,
+        terms[7] / mem,
+        terms[9] / mem,
+        terms[11] / mem,
+        terms[13] / mem,
+        ar_time,
+    )
+    return compute, memory
+
+
+@numba.njit(cache=True)
+def step_seconds(params, new_tokens, context_tokens, num_seqs):
+    """Predicted duration of one engine step (seconds).
+
+    ``new_tokens[i]``: tokens computed for sequence ``i`` in this step (a prefill chunk, 1 for
+    a decode, 1+k for a speculative verify); ``context_tokens[i]``: tokens already in its KV
+    cache before the step. Only the first ``num_seqs`` entries are read. ``params`` comes from
+    :func:`build_cost_params`. A batch with no new tokens costs 0.
+    """
+    terms = _step_terms(params, new_tokens, context_tokens, num_seqs)
+    compute, memory = _group_times(params, terms)
+    seconds = terms[16]
+    for g in range(8):
+        seconds += max(compute[g], memory[g])
+    return seconds
+
+
+def step_breakdown(params: np.ndarray, new_tokens, context_tokens) -> dict:
+    """Per-group breakdown of :func:`step_seconds` (same numbers, same summation order).
+
+    Returns ``{"seconds", "overhead_seconds", "groups": {name: {"seconds",
+    "compute_seconds", "memory_seconds", "bound", "flops", "bytes"}}}``; ``seconds`` equals
+    ``step_seconds(params, new_tokens, context_tokens, len(new_tokens))``.
+    """
+    new = np.ascontiguousarray(new_tokens, dtype=np.int64)
+    ctx = np.ascontiguousarray(context_tokens, dtype=np.int64)
+    if new.shape != ctx.shape or new.ndim != 1:
+        raise ValueError("new_tokens and context_tokens must be 1-D arrays of the same length")
+    n = int(new.shape[0])
+    terms = _step_terms(params, new, ctx, n)
+    compute, memory = _group_times(params, terms)
+    groups = {}
+    seconds = terms[16]
+    for g, name in enumerate(GROUP_NAMES):
+        t = max(compute[g], memory[g])
+        seconds += t
+        groups[name] = {
+            "seconds": t,
+            "compute_seconds": compute[g],
+            "memory_seconds": memory[g],
+            "bound": "compute" if compute[g] > memory[g] else "memory",
+            "flops": terms[2 * g],
+            "bytes": terms[2 * g + 1],
+        }
+    total = float(step_seconds(params, new, ctx, n))
+    if not math.isclose(seconds, total, rel_tol=1e-12, abs_tol=0.0):
+        raise AssertionError(f"breakdown {seconds} != step_seconds {total}")  # pragma: no cover
+    return {"seconds": total, "overhead_seconds": terms[16], "groups": groups}

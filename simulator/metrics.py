@@ -1,0 +1,154 @@
+"""Results as pandas tables and summary statistics (latency percentiles, throughput, cache).
+
+Definitions (WORKLOADS.md "What users measure"):
+
+* TTFT = first token time - arrival time (the request reaching the cluster, i.e. ready time +
+  ``wait_after_ready``), queueing included.
+* TBT (ITL) = gap between successive tokens of one request, over *all* tokens of all requests,
+  read from a fixed-memory log-binned histogram (200 bins per decade: <= 0.6 % relative error).
+* TPOT = (finish - first token) / (output tokens - 1) per request with more than one token.
+* E2E = finish time - arrival time.
+* Prefix-cache hit rate = cached prompt tokens at first scheduling / prompt tokens, over the
+  requests that were scheduled (vLLM's ``num_cached_tokens``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from simulator.core.state import (
+    HIST_BINS_PER_DECADE,
+    HIST_DECADES,
+    HIST_MIN_SECONDS,
+    REJECT_REASONS,
+    ST_FINISHED,
+    ST_REJECTED,
+)
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+def hist_percentile(hist: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile (0-100) of a log-binned histogram, in seconds (NaN if empty).
+
+    Returns the geometric centre of the bin holding the percentile; bin 0 (below 10 us) maps
+    to 10 us and the overflow bin to its lower edge.
+    """
+    total = int(hist.sum())
+    if total == 0:
+        return float("nan")
+    rank = max(int(np.ceil(q / 100.0 * total)), 1)
+    b = int(np.searchsorted(np.cumsum(hist), rank))
+    if b == 0:
+        return HIST_MIN_SECONDS
+    regular = HIST_BINS_PER_DECADE * HIST_DECADES
+    if b > regular:
+        return HIST_MIN_SECONDS * 10.0**HIST_DECADES
+    return HIST_MIN_SECONDS * 10.0 ** ((b - 0.5) / HIST_BINS_PER_DECADE)
+
+
+def hist_mean(hist: np.ndarray) -> float:
+    total = int(hist.sum())
+    if total == 0:
+        return float("nan")
+    b = np.arange(hist.shape[0], dtype=np.float64)
+    centres = HIST_MIN_SECONDS * 10.0 ** ((b - 0.5) / HIST_BINS_PER_DECADE)
+    centres[0] = HIST_MIN_SECONDS
+    return float((hist * centres).sum() / total)
+
+
+def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
+    values = values[np.isfinite(values)]
+    out: dict[str, float] = {}
+    if values.size == 0:
+        for p in PERCENTILES:
+            out[f"{prefix}_p{p}"] = float("nan")
+        out[f"{prefix}_mean"] = float("nan")
+        return out
+    for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
+        out[f"{prefix}_p{p}"] = float(v)
+    out[f"{prefix}_mean"] = float(values.mean())
+    return out
+
+
+def requests_frame(wl, rq) -> pd.DataFrame:
+    """One row per request (times in seconds from the start of the simulation)."""
+    status = np.where(rq.status == ST_FINISHED, "finished",
+                      np.where(rq.status == ST_REJECTED, "rejected", "unfinished"))
+    reason = np.array([REJECT_REASONS[int(x)] for x in range(len(REJECT_REASONS))], dtype=object)
+    cached = np.maximum(rq.num_cached_tokens, 0)
+    out = wl.req_output_tokens
+    tpot = np.where(
+        out > 1, (rq.finish_time - rq.first_token_time) / np.maximum(out - 1, 1), np.nan
+    )
+    return pd.DataFrame(
+        {
+            "request_id": np.arange(wl.num_requests, dtype=np.int64),
+            "session_id": wl.req_session,
+            "replica": rq.replica,
+            "status": pd.Categorical(status, categories=["finished", "rejected", "unfinished"]),
+            "reject_reason": reason[rq.reject_reason],
+            "ready_time": rq.ready_time,
+            "arrival_time": rq.arrival_time,
+            "scheduled_time": rq.first_scheduled_time,
+            "first_token_time": rq.first_token_time,
+            "finish_time": rq.finish_time,
+            "prompt_tokens": wl.req_prompt_tokens,
+            "cached_tokens": cached,
+            "computed_prompt_tokens": np.where(rq.num_cached_tokens >= 0,
+                                               wl.req_prompt_tokens - cached, 0),
+            "output_tokens": rq.num_output_done,
+            "scheduled_tokens": rq.num_scheduled_tokens,
+            "preemptions": rq.num_preemptions,
+            "ttft": rq.first_token_time - rq.arrival_time,
+            "tpot": tpot,
+            "e2e": rq.finish_time - rq.arrival_time,
+            "queue_time": rq.first_scheduled_time - rq.arrival_time,
+            "max_tbt": np.where(out > 1, rq.max_token_gap, np.nan),
+        }
+    )
+
+
+def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarray,
+              num_gpus: int) -> dict[str, float | int | str | dict]:
+    """The summary of one run: counts, latency percentiles, throughput, cache and KV figures."""
+    fin = requests[requests["status"] == "finished"]
+    rej = requests[requests["status"] == "rejected"]
+    start = float(np.nanmin(requests["arrival_time"])) if len(requests) else 0.0
+    end = float(np.nanmax(fin["finish_time"])) if len(fin) else start
+    duration = max(end - start, 0.0)
+    out_tokens = int(fin["output_tokens"].sum())
+    scheduled = requests[requests["scheduled_time"].notna()]
+    prompt = int(scheduled["prompt_tokens"].sum())
+    cached = int(scheduled["cached_tokens"].sum())
+    summary: dict = {
+        "num_requests": int(len(requests)),
+        "num_finished": int(len(fin)),
+        "num_rejected": int(len(rej)),
+        "num_unfinished": int(len(requests) - len(fin) - len(rej)),
+        "reject_reasons": {str(k): int(v) for k, v in rej["reject_reason"].value_counts().items()},
+        "simulated_seconds": duration,
+    }
+    summary |= _pcts(fin["ttft"].to_numpy(), "ttft")
+    for p in PERCENTILES:
+        summary[f"tbt_p{p}"] = hist_percentile(gap_hist, p)
+    summary["tbt_mean"] = hist_mean(gap_hist)
+    summary |= _pcts(fin["tpot"].to_numpy(), "tpot")
+    summary |= _pcts(fin["e2e"].to_numpy(), "e2e")
+    summary |= _pcts(fin["queue_time"].to_numpy(), "queue_time")
+    tput = out_tokens / duration if duration > 0 else float("nan")
+    summary |= {
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": tput,
+        "output_tokens_per_s_per_gpu": tput / max(num_gpus, 1),
+        "input_tokens_per_s": float(fin["prompt_tokens"].sum()) / duration if duration > 0 else float("nan"),
+        "requests_per_s": len(fin) / duration if duration > 0 else float("nan"),
+        "prefix_cache_hit_rate": cached / prompt if prompt else 0.0,
+        "num_preemptions": int(requests["preemptions"].sum()),
+        "peak_kv_usage": float((replicas["peak_used_blocks"] / replicas["num_blocks"]).max()),
+        "num_evicted_blocks": int(replicas["evicted_blocks"].sum()),
+        "num_gpus": int(num_gpus),
+        "num_replicas": int(len(replicas)),
+    }
+    return summary

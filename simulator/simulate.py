@@ -1,0 +1,235 @@
+"""The public API: ``simulate(experiment) -> Result``.
+
+One Python function does all resolution and validation (models, GPUs, KV capacity, workload
+compilation), then hands plain arrays to the Numba loop (:mod:`simulator.core.loop`) and turns
+its output arrays into pandas tables. Nothing here runs per event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simulator.config import (
+    DEFAULT_MAX_MODEL_LEN,
+    GIB,
+    Experiment,
+    ExperimentError,
+    batch_defaults,
+    engine_for,
+)
+from simulator.core.heap import make_heap
+from simulator.core.kvcache import make_kv_state
+from simulator.core.loop import init_events, run_events
+from simulator.core.state import (
+    CORE_DONE,
+    CORE_ERR_HEAP_FULL,
+    CORE_ERR_STUCK,
+    CORE_PAUSED,
+    ROUTER_CODES,
+    make_global_state,
+    make_replica_state,
+    make_request_state,
+)
+from simulator.costmodel import build_cost_params
+from simulator.hardware import load_hardware
+from simulator.memory import kv_cache_capacity
+from simulator.metrics import requests_frame, summarize
+from simulator.models import load_model
+from simulator.progress import ProgressBar
+from simulator.workload.compile import compile_workload
+from simulator.workload.compiled import CompiledWorkload
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """A replica as it will be simulated: resolved model, GPU and engine limits."""
+
+    index: int
+    model: str
+    hardware: str
+    tp: int
+    num_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    enable_prefix_caching: bool
+    state_blocks_per_seq: int
+    cost_params: np.ndarray = field(repr=False)
+    capacity_text: str = ""
+
+
+def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
+    """Resolve every replica of the cluster; raise ExperimentError on any impossibility."""
+    plans: list[ReplicaPlan] = []
+    cache: dict[tuple, ReplicaPlan] = {}
+    block_sizes = set()
+    for gi, group in enumerate(exp.cluster.replicas):
+        eng = engine_for(exp, group)
+        model_ref = group.model or exp.model
+        hw_ref = group.hardware or exp.hardware
+        key = (model_ref, hw_ref, eng.model_dump_json())
+        if key not in cache:
+            where = f"cluster.replicas[{gi}]"
+            try:
+                model = load_model(model_ref)
+            except (ValueError, OSError) as exc:
+                raise ExperimentError(f"{where}: model: {exc}") from None
+            try:
+                hw = load_hardware(hw_ref)
+            except (ValueError, OSError) as exc:
+                raise ExperimentError(f"{where}: hardware: {exc}") from None
+            try:
+                cap = kv_cache_capacity(
+                    model, hw, eng.tp, eng.weight_dtype, eng.kv_dtype,
+                    eng.gpu_memory_utilization, eng.block_size,
+                    None if eng.activation_reserve_gib is None
+                    else int(eng.activation_reserve_gib * GIB),
+                )
+                params = build_cost_params(model, hw, eng.tp, eng.weight_dtype, eng.kv_dtype)
+            except ValueError as exc:
+                raise ExperimentError(f"{where}: {exc}") from None
+            num_blocks = eng.num_gpu_blocks_override or cap.num_blocks
+            default_tokens, default_seqs = batch_defaults(hw.hbm_bytes)
+            state_blocks = 0
+            if cap.state_bytes_per_sequence > 0:
+                state_blocks = -(-cap.state_bytes_per_sequence // cap.bytes_per_block)
+            cache[key] = ReplicaPlan(
+                index=-1, model=model.name, hardware=hw.name, tp=eng.tp, num_blocks=int(num_blocks),
+                block_size=eng.block_size,
+                max_num_batched_tokens=eng.max_num_batched_tokens or default_tokens,
+                max_num_seqs=eng.max_num_seqs or default_seqs,
+                max_model_len=eng.max_model_len or DEFAULT_MAX_MODEL_LEN,
+                enable_prefix_caching=eng.enable_prefix_caching,
+                state_blocks_per_seq=int(state_blocks), cost_params=params,
+                capacity_text=cap.describe(),
+            )
+        block_sizes.add(eng.block_size)
+        base = cache[key]
+        for _ in range(group.count):
+            plans.append(ReplicaPlan(**{**base.__dict__, "index": len(plans)}))
+    if len(block_sizes) > 1:
+        raise ExperimentError(
+            f"cluster.replicas: all replicas must use one block_size (got {sorted(block_sizes)})"
+        )
+    return plans
+
+
+@dataclass
+class Result:
+    """What one simulation produced."""
+
+    experiment: Experiment
+    replicas_plan: list[ReplicaPlan]
+    requests: pd.DataFrame
+    replicas: pd.DataFrame
+    gap_hist: np.ndarray
+    wall_seconds: float
+    num_events: int
+    expected_output_tokens: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(p.tp for p in self.replicas_plan)
+
+    def summary(self) -> dict:
+        s = summarize(self.requests, self.replicas, self.gap_hist, self.num_gpus)
+        s["wall_seconds"] = self.wall_seconds
+        s["num_events"] = self.num_events
+        s["seed"] = self.experiment.seed
+        s["name"] = self.experiment.name
+        return s
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write requests.parquet, replicas.parquet, summary.json and token_gaps.npy."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.requests.to_parquet(out / "requests.parquet", index=False)
+        self.replicas.to_parquet(out / "replicas.parquet", index=False)
+        (out / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=float))
+        np.save(out / "token_gaps_hist.npy", self.gap_hist)
+        return out
+
+
+def simulate(
+    exp: Experiment, seed: int | None = None, progress: bool | None = None,
+    workload: CompiledWorkload | None = None,
+) -> Result:
+    """Run one experiment to completion and return its :class:`Result`.
+
+    ``seed`` overrides the experiment's seed; ``workload`` replaces its compiled workload (tests
+    and trace replays use it); ``progress`` forces the progress bar on or off (default: on for
+    a terminal, after 2 s).
+    """
+    t0 = time.perf_counter()
+    plans = plan_replicas(exp)
+    if workload is None:
+        workload = compile_workload(exp.workload, exp.seed if seed is None else seed)
+    wl = workload
+    n_rep = len(plans)
+    kv = make_kv_state(
+        wl.node_start_tokens, wl.node_num_tokens, plans[0].block_size,
+        np.array([p.num_blocks for p in plans], dtype=np.int64),
+        np.array([int(p.enable_prefix_caching) for p in plans], dtype=np.int64),
+    )
+    rp = make_replica_state(
+        np.stack([p.cost_params for p in plans]),
+        np.array([p.max_num_batched_tokens for p in plans], dtype=np.int64),
+        np.array([p.max_num_seqs for p in plans], dtype=np.int64),
+        np.array([p.max_model_len for p in plans], dtype=np.int64),
+        np.array([p.state_blocks_per_seq for p in plans], dtype=np.int64),
+    )
+    rq = make_request_state(wl.num_requests)
+    g = make_global_state(ROUTER_CODES[exp.cluster.router], int(rp.max_num_seqs.max()))
+    heap = make_heap(wl.num_requests + 4 * n_rep + 16)
+    if not init_events(rq, wl, heap):
+        raise RuntimeError("event heap overflow while queueing arrivals")
+    bar = ProgressBar(wl.num_requests, f"simulating {exp.name}", enabled=progress)
+    chunk = 200_000
+    while True:
+        status = run_events(kv, rq, rp, wl, g, heap, chunk)
+        bar.update(int(g.num_done[0]))
+        if status == CORE_PAUSED:
+            continue
+        if status == CORE_DONE:
+            break
+        if status == CORE_ERR_HEAP_FULL:
+            raise RuntimeError("internal error: the event heap overflowed")
+        if status == CORE_ERR_STUCK:
+            raise RuntimeError(
+                f"internal error: replica {int(g.error_payload[0])} has queued work it cannot "
+                "schedule"
+            )
+        raise RuntimeError(f"internal error: core returned status {status}")
+    bar.close()
+    wall = time.perf_counter() - t0
+    requests = requests_frame(wl, rq)
+    replicas = pd.DataFrame(
+        {
+            "replica": np.arange(n_rep),
+            "model": [p.model for p in plans],
+            "hardware": [p.hardware for p in plans],
+            "tp": [p.tp for p in plans],
+            "num_blocks": kv.num_blocks,
+            "block_size": [p.block_size for p in plans],
+            "num_steps": rp.num_steps,
+            "busy_seconds": rp.busy_seconds,
+            "prefill_tokens": rp.prefill_tokens,
+            "decode_tokens": rp.decode_tokens,
+            "preemptions": rp.num_preemptions,
+            "peak_used_blocks": rp.peak_used_blocks,
+            "peak_running": rp.peak_running,
+            "evicted_blocks": kv.num_evicted,
+            "free_blocks_at_end": kv.num_free,
+        }
+    )
+    return Result(
+        exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.num_events[0]),
+        wl.req_output_tokens.copy(),
+    )
