@@ -14,7 +14,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.core.kvcache import KVState
+from simulator.core.kvcache import (
+    EN_HI,
+    EN_LO,
+    EN_NODE,
+    KN_FULL,
+    KN_PART,
+    KN_PMAX,
+    KN_RES,
+    KS_BLOCKS,
+    KS_FREE,
+    KS_HEAD,
+    KS_TAIL,
+    NB_NUM,
+    KVState,
+)
+from simulator.core.state import RQ_PRIVATE, RQ_REPLICA
 
 
 def check_result(result) -> list[str]:
@@ -60,46 +75,54 @@ def result_expected_outputs(result, fin) -> np.ndarray:
     return result.expected_output_tokens[fin["request_id"].to_numpy()]
 
 
-def check_kv(kv: KVState, rq, num_replicas: int | None = None) -> list[str]:
-    """Block conservation and free-queue consistency at an arbitrary point of a run."""
+def check_kv(kv: KVState, q) -> list[str]:
+    """Block conservation and free-queue consistency at an arbitrary point of a run.
+
+    For every replica: free-queue blocks + blocks referenced by running requests + private
+    blocks of requests == pool size; each node's queued runs cover exactly its cached but
+    unreferenced blocks; reference counts are never negative.
+    """
     problems: list[str] = []
-    n_rep = kv.num_blocks.shape[0] if num_replicas is None else num_replicas
-    cap = kv.ent_node.shape[1]
+    n_rep = kv.kvs.shape[0]
+    cap = kv.ent.shape[1]
+    nb = kv.node_blocks[:, NB_NUM]
     for rep in range(n_rep):
-        nb = kv.node_num_blocks
-        maxext = np.where(kv.full_refs[rep] > 0, nb, kv.part_max[rep])
-        if np.any(kv.full_refs[rep] < 0) or np.any(kv.part_refs[rep] < 0):
+        kvn = kv.kvn[rep]
+        res = kvn[:, KN_RES]
+        maxext = np.where(kvn[:, KN_FULL] > 0, nb, kvn[:, KN_PMAX])
+        if np.any(kvn[:, KN_FULL] < 0) or np.any(kvn[:, KN_PART] < 0):
             problems.append(f"replica {rep}: negative reference count")
-        if np.any(maxext > kv.resident[rep]):
-            c = int(np.flatnonzero(maxext > kv.resident[rep])[0])
+        if np.any(maxext > res):
+            c = int(np.flatnonzero(maxext > res)[0])
             problems.append(f"replica {rep}: node {c} references {maxext[c]} blocks but only "
-                            f"{kv.resident[rep, c]} are cached")
-        if np.any(kv.resident[rep] > nb) or np.any(kv.resident[rep] < 0):
+                            f"{res[c]} are cached")
+        if np.any(res > nb) or np.any(res < 0):
             problems.append(f"replica {rep}: cached block count out of range")
-        private = int(rq.private_blocks[rq.replica == rep].sum())
-        total = int(kv.num_free[rep]) + int(maxext.sum()) + private
-        if total != int(kv.num_blocks[rep]):
-            problems.append(f"replica {rep}: free {int(kv.num_free[rep])} + referenced "
-                            f"{int(maxext.sum())} + private {private} = {total} != pool "
-                            f"{int(kv.num_blocks[rep])}")
-        queued = np.zeros_like(kv.resident[rep])
+        on_rep = q.rqi[:, RQ_REPLICA] == rep
+        private = int(q.rqi[on_rep, RQ_PRIVATE].sum())
+        free = int(kv.kvs[rep, KS_FREE])
+        pool = int(kv.kvs[rep, KS_BLOCKS])
+        total = free + int(maxext.sum()) + private
+        if total != pool:
+            problems.append(f"replica {rep}: free {free} + referenced {int(maxext.sum())} + "
+                            f"private {private} = {total} != pool {pool}")
+        queued = np.zeros_like(res)
         anon = 0
-        for e in range(int(kv.fifo_head[rep]), int(kv.fifo_tail[rep])):
-            s = e % cap
-            count = int(kv.ent_hi[rep, s] - kv.ent_lo[rep, s])
+        for e in range(int(kv.kvs[rep, KS_HEAD]), int(kv.kvs[rep, KS_TAIL])):
+            row = kv.ent[rep, e % cap]
+            count = int(row[EN_HI] - row[EN_LO])
             if count <= 0:
                 continue
-            node = int(kv.ent_node[rep, s])
-            if node < 0:
+            if row[EN_NODE] < 0:
                 anon += count
             else:
-                queued[node] += count
-        if anon + int(queued.sum()) != int(kv.num_free[rep]):
+                queued[row[EN_NODE]] += count
+        if anon + int(queued.sum()) != free:
             problems.append(f"replica {rep}: free-queue runs hold {anon + int(queued.sum())} "
-                            f"blocks, counter says {int(kv.num_free[rep])}")
-        bad = np.flatnonzero(queued != kv.resident[rep] - maxext)
+                            f"blocks, counter says {free}")
+        bad = np.flatnonzero(queued != res - maxext)
         if bad.size:
             c = int(bad[0])
             problems.append(f"replica {rep}: node {c} has {queued[c]} queued blocks, expected "
-                            f"{int(kv.resident[rep, c] - maxext[c])} (cached - referenced)")
+                            f"{int(res[c] - maxext[c])} (cached - referenced)")
     return problems

@@ -22,6 +22,19 @@ from simulator.core.state import (
     HIST_DECADES,
     HIST_MIN_SECONDS,
     REJECT_REASONS,
+    RQ_ARRIVAL,
+    RQ_CACHED,
+    RQ_FINISH,
+    RQ_FIRST_SCHED,
+    RQ_FIRST_TOKEN,
+    RQ_MAX_GAP,
+    RQ_OUT_DONE,
+    RQ_PREEMPTIONS,
+    RQ_READY,
+    RQ_REJECT,
+    RQ_REPLICA,
+    RQ_SCHED_TOKENS,
+    RQ_STATUS,
     ST_FINISHED,
     ST_REJECTED,
 )
@@ -72,40 +85,41 @@ def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
     return out
 
 
-def requests_frame(wl, rq) -> pd.DataFrame:
+def requests_frame(wl, q) -> pd.DataFrame:
     """One row per request (times in seconds from the start of the simulation)."""
-    status = np.where(rq.status == ST_FINISHED, "finished",
-                      np.where(rq.status == ST_REJECTED, "rejected", "unfinished"))
-    reason = np.array([REJECT_REASONS[int(x)] for x in range(len(REJECT_REASONS))], dtype=object)
-    cached = np.maximum(rq.num_cached_tokens, 0)
+    rqi, rqf = q.rqi, q.rqf
+    st = rqi[:, RQ_STATUS]
+    status = np.where(st == ST_FINISHED, "finished",
+                      np.where(st == ST_REJECTED, "rejected", "unfinished"))
+    reasons = np.array([REJECT_REASONS[k] for k in sorted(REJECT_REASONS)], dtype=object)
+    cached_raw = rqi[:, RQ_CACHED]
+    cached = np.maximum(cached_raw, 0)
     out = wl.req_output_tokens
-    tpot = np.where(
-        out > 1, (rq.finish_time - rq.first_token_time) / np.maximum(out - 1, 1), np.nan
-    )
+    first, finish, arrival = rqf[:, RQ_FIRST_TOKEN], rqf[:, RQ_FINISH], rqf[:, RQ_ARRIVAL]
+    tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), np.nan)
     return pd.DataFrame(
         {
             "request_id": np.arange(wl.num_requests, dtype=np.int64),
             "session_id": wl.req_session,
-            "replica": rq.replica,
+            "replica": rqi[:, RQ_REPLICA],
             "status": pd.Categorical(status, categories=["finished", "rejected", "unfinished"]),
-            "reject_reason": reason[rq.reject_reason],
-            "ready_time": rq.ready_time,
-            "arrival_time": rq.arrival_time,
-            "scheduled_time": rq.first_scheduled_time,
-            "first_token_time": rq.first_token_time,
-            "finish_time": rq.finish_time,
+            "reject_reason": reasons[rqi[:, RQ_REJECT]],
+            "ready_time": rqf[:, RQ_READY],
+            "arrival_time": arrival,
+            "scheduled_time": rqf[:, RQ_FIRST_SCHED],
+            "first_token_time": first,
+            "finish_time": finish,
             "prompt_tokens": wl.req_prompt_tokens,
             "cached_tokens": cached,
-            "computed_prompt_tokens": np.where(rq.num_cached_tokens >= 0,
-                                               wl.req_prompt_tokens - cached, 0),
-            "output_tokens": rq.num_output_done,
-            "scheduled_tokens": rq.num_scheduled_tokens,
-            "preemptions": rq.num_preemptions,
-            "ttft": rq.first_token_time - rq.arrival_time,
+            "computed_prompt_tokens": np.where(cached_raw >= 0, wl.req_prompt_tokens - cached, 0),
+            "output_tokens": rqi[:, RQ_OUT_DONE],
+            "scheduled_tokens": rqi[:, RQ_SCHED_TOKENS],
+            "preemptions": rqi[:, RQ_PREEMPTIONS],
+            "ttft": first - arrival,
             "tpot": tpot,
-            "e2e": rq.finish_time - rq.arrival_time,
-            "queue_time": rq.first_scheduled_time - rq.arrival_time,
-            "max_tbt": np.where(out > 1, rq.max_token_gap, np.nan),
+            "e2e": finish - arrival,
+            "queue_time": rqf[:, RQ_FIRST_SCHED] - arrival,
+            "max_tbt": np.where(out > 1, rqf[:, RQ_MAX_GAP], np.nan),
         }
     )
 

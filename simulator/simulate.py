@@ -24,17 +24,27 @@ from simulator.config import (
     engine_for,
 )
 from simulator.core.heap import make_heap
-from simulator.core.kvcache import make_kv_state
+from simulator.core.kvcache import KS_EVICTED, KS_FREE, make_kv_state
 from simulator.core.loop import init_events, run_events
 from simulator.core.state import (
     CORE_DONE,
     CORE_ERR_HEAP_FULL,
     CORE_ERR_STUCK,
     CORE_PAUSED,
+    G_ERROR,
+    G_NUM_DONE,
+    G_NUM_EVENTS,
     ROUTER_CODES,
-    make_global_state,
-    make_replica_state,
-    make_request_state,
+    RP_BUSY_SECONDS,
+    RP_DECODE_TOKENS,
+    RP_NUM_STEPS,
+    RP_PEAK_RUNNING,
+    RP_PEAK_USED,
+    RP_PREEMPTIONS,
+    RP_PREFILL_TOKENS,
+    make_globals,
+    make_replicas,
+    make_requests,
 )
 from simulator.costmodel import build_cost_params
 from simulator.hardware import load_hardware
@@ -178,23 +188,23 @@ def simulate(
         np.array([p.num_blocks for p in plans], dtype=np.int64),
         np.array([int(p.enable_prefix_caching) for p in plans], dtype=np.int64),
     )
-    rp = make_replica_state(
+    p = make_replicas(
         np.stack([p.cost_params for p in plans]),
         np.array([p.max_num_batched_tokens for p in plans], dtype=np.int64),
         np.array([p.max_num_seqs for p in plans], dtype=np.int64),
         np.array([p.max_model_len for p in plans], dtype=np.int64),
         np.array([p.state_blocks_per_seq for p in plans], dtype=np.int64),
     )
-    rq = make_request_state(wl.num_requests)
-    g = make_global_state(ROUTER_CODES[exp.cluster.router], int(rp.max_num_seqs.max()))
+    q = make_requests(wl.num_requests)
+    g = make_globals(ROUTER_CODES[exp.cluster.router], max(pl.max_num_seqs for pl in plans))
     heap = make_heap(wl.num_requests + 4 * n_rep + 16)
-    if not init_events(rq, wl, heap):
+    if not init_events(q, wl, heap):
         raise RuntimeError("event heap overflow while queueing arrivals")
     bar = ProgressBar(wl.num_requests, f"simulating {exp.name}", enabled=progress)
     chunk = 200_000
     while True:
-        status = run_events(kv, rq, rp, wl, g, heap, chunk)
-        bar.update(int(g.num_done[0]))
+        status = run_events(kv, q, p, wl, g, heap, chunk)
+        bar.update(int(g.gi[G_NUM_DONE]))
         if status == CORE_PAUSED:
             continue
         if status == CORE_DONE:
@@ -203,33 +213,33 @@ def simulate(
             raise RuntimeError("internal error: the event heap overflowed")
         if status == CORE_ERR_STUCK:
             raise RuntimeError(
-                f"internal error: replica {int(g.error_payload[0])} has queued work it cannot "
+                f"internal error: replica {int(g.gi[G_ERROR])} has queued work it cannot "
                 "schedule"
             )
         raise RuntimeError(f"internal error: core returned status {status}")
     bar.close()
     wall = time.perf_counter() - t0
-    requests = requests_frame(wl, rq)
+    requests = requests_frame(wl, q)
     replicas = pd.DataFrame(
         {
             "replica": np.arange(n_rep),
             "model": [p.model for p in plans],
             "hardware": [p.hardware for p in plans],
             "tp": [p.tp for p in plans],
-            "num_blocks": kv.num_blocks,
+            "num_blocks": [pl.num_blocks for pl in plans],
             "block_size": [p.block_size for p in plans],
-            "num_steps": rp.num_steps,
-            "busy_seconds": rp.busy_seconds,
-            "prefill_tokens": rp.prefill_tokens,
-            "decode_tokens": rp.decode_tokens,
-            "preemptions": rp.num_preemptions,
-            "peak_used_blocks": rp.peak_used_blocks,
-            "peak_running": rp.peak_running,
-            "evicted_blocks": kv.num_evicted,
-            "free_blocks_at_end": kv.num_free,
+            "num_steps": p.rpi[:, RP_NUM_STEPS],
+            "busy_seconds": p.rpf[:, RP_BUSY_SECONDS],
+            "prefill_tokens": p.rpi[:, RP_PREFILL_TOKENS],
+            "decode_tokens": p.rpi[:, RP_DECODE_TOKENS],
+            "preemptions": p.rpi[:, RP_PREEMPTIONS],
+            "peak_used_blocks": p.rpi[:, RP_PEAK_USED],
+            "peak_running": p.rpi[:, RP_PEAK_RUNNING],
+            "evicted_blocks": kv.kvs[:, KS_EVICTED],
+            "free_blocks_at_end": kv.kvs[:, KS_FREE],
         }
     )
     return Result(
-        exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.num_events[0]),
+        exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.gi[G_NUM_EVENTS]),
         wl.req_output_tokens.copy(),
     )

@@ -37,27 +37,39 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+# kvn[rep, node, col]
+KN_RES = 0  # cached blocks of the node, from its first block
+KN_FULL = 1  # running requests referencing all of the node
+KN_PART = 2  # running requests referencing a prefix of it (their frontier is here)
+KN_PMAX = 3  # largest extent (blocks) among the partial referencers
+KN_NEWEST = 4  # newest free-queue run of the node (absolute run index), -1 if none
+KN_NUM = 5
+# ent[rep, slot, col]: free-queue runs; slot = absolute run index % capacity
+EN_NODE = 0  # node id, or -1 for anonymous (uncached) free blocks
+EN_LO = 1  # first block of the run (node-relative); a run with HI == LO is dead
+EN_HI = 2  # one past its last block
+EN_NEWER = 3  # next newer run of the same node, -1 if none
+EN_OLDER = 4
+EN_NUM = 5
+# kvs[rep, col]
+KS_HEAD = 0  # absolute index of the oldest run
+KS_TAIL = 1  # one past the newest run
+KS_FREE = 2  # blocks in the free queue (cached or not)
+KS_BLOCKS = 3  # blocks in the pool
+KS_EVICTED = 4  # cached blocks evicted so far
+KS_CACHING = 5  # 1 = prefix caching on
+KS_BLOCK_SIZE = 6  # tokens per block
+KS_NUM = 7
+# node_blocks[node, col]
+NB_FIRST = 0  # absolute index of the node's first full block
+NB_NUM = 1  # full blocks owned by the node
+
 
 class KVState(NamedTuple):
-    block_size: np.ndarray  # int64[1], tokens per block
-    node_first_block: np.ndarray  # int64[N]
-    node_num_blocks: np.ndarray  # int64[N] full blocks owned by the node
-    resident: np.ndarray  # int64[n_rep, N]
-    full_refs: np.ndarray  # int64[n_rep, N]
-    part_refs: np.ndarray  # int64[n_rep, N]
-    part_max: np.ndarray  # int64[n_rep, N]
-    node_newest: np.ndarray  # int64[n_rep, N] newest free-queue run of the node, -1 if none
-    ent_node: np.ndarray  # int64[n_rep, cap]
-    ent_lo: np.ndarray  # int64[n_rep, cap]
-    ent_hi: np.ndarray  # int64[n_rep, cap]; a run with hi == lo is dead
-    ent_newer: np.ndarray  # int64[n_rep, cap]
-    ent_older: np.ndarray  # int64[n_rep, cap]
-    fifo_head: np.ndarray  # int64[n_rep] absolute run index (slot = index % cap)
-    fifo_tail: np.ndarray  # int64[n_rep]
-    num_free: np.ndarray  # int64[n_rep] blocks in the free queue (cached or not)
-    num_blocks: np.ndarray  # int64[n_rep] blocks in the pool
-    num_evicted: np.ndarray  # int64[n_rep] cached blocks evicted so far
-    caching: np.ndarray  # int64[n_rep] 1 = prefix caching on
+    kvn: np.ndarray  # int64[n_rep, N, KN_NUM]
+    ent: np.ndarray  # int64[n_rep, cap, EN_NUM]
+    kvs: np.ndarray  # int64[n_rep, KS_NUM]
+    node_blocks: np.ndarray  # int64[N, 2]
 
 
 def make_kv_state(
@@ -70,101 +82,93 @@ def make_kv_state(
     """Allocate the cache state of ``len(num_blocks)`` replicas, every block free."""
     n_rep = int(num_blocks.shape[0])
     n_nodes = int(node_num_tokens.shape[0])
-    first = node_start_tokens // block_size
-    nblocks = (node_start_tokens + node_num_tokens) // block_size - first
+    node_blocks = np.empty((n_nodes, 2), dtype=np.int64)
+    node_blocks[:, NB_FIRST] = node_start_tokens // block_size
+    node_blocks[:, NB_NUM] = (node_start_tokens + node_num_tokens) // block_size - node_blocks[
+        :, NB_FIRST
+    ]
     cap = int(2 * int(num_blocks.max()) + 64)
-    zeros = lambda: np.zeros((n_rep, n_nodes), dtype=np.int64)  # noqa: E731
-    kv = KVState(
-        block_size=np.array([block_size], dtype=np.int64),
-        node_first_block=first.astype(np.int64),
-        node_num_blocks=nblocks.astype(np.int64),
-        resident=zeros(),
-        full_refs=zeros(),
-        part_refs=zeros(),
-        part_max=zeros(),
-        node_newest=np.full((n_rep, n_nodes), -1, dtype=np.int64),
-        ent_node=np.full((n_rep, cap), -1, dtype=np.int64),
-        ent_lo=np.zeros((n_rep, cap), dtype=np.int64),
-        ent_hi=np.zeros((n_rep, cap), dtype=np.int64),
-        ent_newer=np.full((n_rep, cap), -1, dtype=np.int64),
-        ent_older=np.full((n_rep, cap), -1, dtype=np.int64),
-        fifo_head=np.zeros(n_rep, dtype=np.int64),
-        fifo_tail=np.zeros(n_rep, dtype=np.int64),
-        num_free=np.zeros(n_rep, dtype=np.int64),
-        num_blocks=num_blocks.astype(np.int64).copy(),
-        num_evicted=np.zeros(n_rep, dtype=np.int64),
-        caching=caching.astype(np.int64).copy(),
-    )
+    kvn = np.zeros((n_rep, n_nodes, KN_NUM), dtype=np.int64)
+    kvn[:, :, KN_NEWEST] = -1
+    ent = np.zeros((n_rep, cap, EN_NUM), dtype=np.int64)
+    ent[:, :, EN_NODE] = -1
+    ent[:, :, EN_NEWER] = -1
+    ent[:, :, EN_OLDER] = -1
+    kvs = np.zeros((n_rep, KS_NUM), dtype=np.int64)
+    kvs[:, KS_BLOCKS] = num_blocks
+    kvs[:, KS_CACHING] = caching
+    kvs[:, KS_BLOCK_SIZE] = block_size
+    kv = KVState(kvn, ent, kvs, node_blocks)
     for rep in range(n_rep):
         fifo_push(kv, rep, -1, 0, int(num_blocks[rep]))
     return kv
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def max_extent(kv, rep, c):
     """Blocks of node ``c`` (from its first) referenced by at least one running request."""
-    if kv.full_refs[rep, c] > 0:
-        return kv.node_num_blocks[c]
-    return kv.part_max[rep, c]
+    if kv.kvn[rep, c, KN_FULL] > 0:
+        return kv.node_blocks[c, NB_NUM]
+    return kv.kvn[rep, c, KN_PMAX]
 
 
 @njit(cache=True)
 def _unlink(kv, rep, e):
-    cap = kv.ent_node.shape[1]
+    ent = kv.ent
+    cap = ent.shape[1]
     s = e % cap
-    node = kv.ent_node[rep, s]
+    node = ent[rep, s, EN_NODE]
     if node >= 0:
-        newer = kv.ent_newer[rep, s]
-        older = kv.ent_older[rep, s]
+        newer = ent[rep, s, EN_NEWER]
+        older = ent[rep, s, EN_OLDER]
         if newer != -1:
-            kv.ent_older[rep, newer % cap] = older
+            ent[rep, newer % cap, EN_OLDER] = older
         else:
-            kv.node_newest[rep, node] = older
+            kv.kvn[rep, node, KN_NEWEST] = older
         if older != -1:
-            kv.ent_newer[rep, older % cap] = newer
-    kv.ent_lo[rep, s] = kv.ent_hi[rep, s]
+            ent[rep, older % cap, EN_NEWER] = newer
+    ent[rep, s, EN_LO] = ent[rep, s, EN_HI]
 
 
 @njit(cache=True)
 def _compact(kv, rep):
     """Squeeze dead runs out of the ring, keeping the queue order; O(ring capacity)."""
-    cap = kv.ent_node.shape[1]
-    head = kv.fifo_head[rep]
-    tail = kv.fifo_tail[rep]
+    ent = kv.ent
+    cap = ent.shape[1]
+    head = kv.kvs[rep, KS_HEAD]
+    tail = kv.kvs[rep, KS_TAIL]
     live = 0
     for e in range(head, tail):
         s = e % cap
-        if kv.ent_hi[rep, s] > kv.ent_lo[rep, s]:
+        if ent[rep, s, EN_HI] > ent[rep, s, EN_LO]:
             live += 1
-    nodes = np.empty(live, dtype=np.int64)
-    los = np.empty(live, dtype=np.int64)
-    his = np.empty(live, dtype=np.int64)
+    keep = np.empty((live, 3), dtype=np.int64)
     k = 0
     for e in range(head, tail):
         s = e % cap
-        if kv.ent_hi[rep, s] > kv.ent_lo[rep, s]:
-            nodes[k] = kv.ent_node[rep, s]
-            los[k] = kv.ent_lo[rep, s]
-            his[k] = kv.ent_hi[rep, s]
-            if nodes[k] >= 0:
-                kv.node_newest[rep, nodes[k]] = -1
+        if ent[rep, s, EN_HI] > ent[rep, s, EN_LO]:
+            keep[k, 0] = ent[rep, s, EN_NODE]
+            keep[k, 1] = ent[rep, s, EN_LO]
+            keep[k, 2] = ent[rep, s, EN_HI]
+            if keep[k, 0] >= 0:
+                kv.kvn[rep, keep[k, 0], KN_NEWEST] = -1
             k += 1
     for k in range(live):
         e = head + k
         s = e % cap
-        node = nodes[k]
-        kv.ent_node[rep, s] = node
-        kv.ent_lo[rep, s] = los[k]
-        kv.ent_hi[rep, s] = his[k]
-        kv.ent_newer[rep, s] = -1
-        kv.ent_older[rep, s] = -1
+        node = keep[k, 0]
+        ent[rep, s, EN_NODE] = node
+        ent[rep, s, EN_LO] = keep[k, 1]
+        ent[rep, s, EN_HI] = keep[k, 2]
+        ent[rep, s, EN_NEWER] = -1
+        ent[rep, s, EN_OLDER] = -1
         if node >= 0:
-            older = kv.node_newest[rep, node]
-            kv.ent_older[rep, s] = older
+            older = kv.kvn[rep, node, KN_NEWEST]
+            ent[rep, s, EN_OLDER] = older
             if older != -1:
-                kv.ent_newer[rep, older % cap] = e
-            kv.node_newest[rep, node] = e
-    kv.fifo_tail[rep] = head + live
+                ent[rep, older % cap, EN_NEWER] = e
+            kv.kvn[rep, node, KN_NEWEST] = e
+    kv.kvs[rep, KS_TAIL] = head + live
 
 
 @njit(cache=True)
@@ -173,88 +177,93 @@ def fifo_push(kv, rep, node, lo, hi):
     count = hi - lo
     if count <= 0:
         return
-    kv.num_free[rep] += count
-    cap = kv.ent_node.shape[1]
-    tail = kv.fifo_tail[rep]
-    if tail > kv.fifo_head[rep]:
+    ent = kv.ent
+    kvs = kv.kvs
+    kvs[rep, KS_FREE] += count
+    cap = ent.shape[1]
+    tail = kvs[rep, KS_TAIL]
+    if tail > kvs[rep, KS_HEAD]:
         last = (tail - 1) % cap
-        if kv.ent_hi[rep, last] > kv.ent_lo[rep, last] and kv.ent_node[rep, last] == node:
+        if ent[rep, last, EN_HI] > ent[rep, last, EN_LO] and ent[rep, last, EN_NODE] == node:
             if node < 0:
-                kv.ent_hi[rep, last] += count
+                ent[rep, last, EN_HI] += count
                 return
-            if kv.ent_lo[rep, last] == hi:
-                kv.ent_lo[rep, last] = lo
+            if ent[rep, last, EN_LO] == hi:
+                ent[rep, last, EN_LO] = lo
                 return
-    if tail - kv.fifo_head[rep] >= cap:
+    if tail - kvs[rep, KS_HEAD] >= cap:
         _compact(kv, rep)
-        tail = kv.fifo_tail[rep]
+        tail = kvs[rep, KS_TAIL]
     s = tail % cap
-    kv.ent_node[rep, s] = node
-    kv.ent_lo[rep, s] = lo
-    kv.ent_hi[rep, s] = hi
-    kv.ent_newer[rep, s] = -1
-    kv.ent_older[rep, s] = -1
+    ent[rep, s, EN_NODE] = node
+    ent[rep, s, EN_LO] = lo
+    ent[rep, s, EN_HI] = hi
+    ent[rep, s, EN_NEWER] = -1
+    ent[rep, s, EN_OLDER] = -1
     if node >= 0:
-        older = kv.node_newest[rep, node]
-        kv.ent_older[rep, s] = older
+        older = kv.kvn[rep, node, KN_NEWEST]
+        ent[rep, s, EN_OLDER] = older
         if older != -1:
-            kv.ent_newer[rep, older % cap] = tail
-        kv.node_newest[rep, node] = tail
-    kv.fifo_tail[rep] = tail + 1
+            ent[rep, older % cap, EN_NEWER] = tail
+        kv.kvn[rep, node, KN_NEWEST] = tail
+    kvs[rep, KS_TAIL] = tail + 1
 
 
 @njit(cache=True)
 def fifo_pop(kv, rep, count):
     """Take ``count`` blocks from the head of the free queue, evicting cached content.
 
-    The caller has checked ``count <= num_free``. Returns the number of cached blocks evicted.
+    The caller has checked ``count <= free``. Returns the number of cached blocks evicted.
     """
-    cap = kv.ent_node.shape[1]
+    ent = kv.ent
+    kvs = kv.kvs
+    cap = ent.shape[1]
     evicted = 0
     while count > 0:
-        head = kv.fifo_head[rep]
+        head = kvs[rep, KS_HEAD]
         s = head % cap
-        avail = kv.ent_hi[rep, s] - kv.ent_lo[rep, s]
+        avail = ent[rep, s, EN_HI] - ent[rep, s, EN_LO]
         if avail <= 0:
-            kv.fifo_head[rep] = head + 1
+            kvs[rep, KS_HEAD] = head + 1
             continue
         take = count if count < avail else avail
-        node = kv.ent_node[rep, s]
+        node = ent[rep, s, EN_NODE]
         if node >= 0:
-            kv.resident[rep, node] -= take
+            kv.kvn[rep, node, KN_RES] -= take
             evicted += take
-        kv.ent_hi[rep, s] -= take
-        kv.num_free[rep] -= take
+        ent[rep, s, EN_HI] -= take
+        kvs[rep, KS_FREE] -= take
         count -= take
-        if kv.ent_hi[rep, s] == kv.ent_lo[rep, s]:
+        if ent[rep, s, EN_HI] == ent[rep, s, EN_LO]:
             _unlink(kv, rep, head)
-            kv.fifo_head[rep] = head + 1
-    kv.num_evicted[rep] += evicted
+            kvs[rep, KS_HEAD] = head + 1
+    kvs[rep, KS_EVICTED] += evicted
     return evicted
 
 
 @njit(cache=True)
 def take_from_queue(kv, rep, c, upto):
     """Blocks below ``upto`` of node ``c`` become referenced: remove them from the free queue."""
-    cap = kv.ent_node.shape[1]
-    e = kv.node_newest[rep, c]
+    ent = kv.ent
+    cap = ent.shape[1]
+    e = kv.kvn[rep, c, KN_NEWEST]
     removed = 0
     while e != -1:
         s = e % cap
-        lo = kv.ent_lo[rep, s]
-        hi = kv.ent_hi[rep, s]
+        lo = ent[rep, s, EN_LO]
+        hi = ent[rep, s, EN_HI]
         if lo >= upto:
             break
         if hi <= upto:
             removed += hi - lo
-            older = kv.ent_older[rep, s]
+            older = ent[rep, s, EN_OLDER]
             _unlink(kv, rep, e)
             e = older
         else:
             removed += upto - lo
-            kv.ent_lo[rep, s] = upto
+            ent[rep, s, EN_LO] = upto
             break
-    kv.num_free[rep] -= removed
+    kv.kvs[rep, KS_FREE] -= removed
 
 
 @njit(cache=True)
@@ -264,19 +273,18 @@ def lookup_hit_blocks(kv, path_nodes, path_start, path_end, rep, num_tokens):
     Capped at ``num_tokens - 1`` tokens as vLLM does (the last token is always computed).
     Returns the number of blocks; O(nodes on the path).
     """
-    bs = kv.block_size[0]
-    cap = (num_tokens - 1) // bs
+    cap = (num_tokens - 1) // kv.kvs[rep, KS_BLOCK_SIZE]
     hits = 0
     for j in range(path_start, path_end):
         c = path_nodes[j]
-        fb = kv.node_first_block[c]
+        fb = kv.node_blocks[c, NB_FIRST]
         if fb >= cap:
             break
-        nb = kv.node_num_blocks[c]
         want = cap - fb
+        nb = kv.node_blocks[c, NB_NUM]
         if want > nb:
             want = nb
-        have = kv.resident[rep, c]
+        have = kv.kvn[rep, c, KN_RES]
         if have > want:
             have = want
         hits = fb + have
@@ -291,14 +299,14 @@ def queued_blocks_in_prefix(kv, path_nodes, path_start, path_end, rep, num_block
     total = 0
     for j in range(path_start, path_end):
         c = path_nodes[j]
-        fb = kv.node_first_block[c]
+        fb = kv.node_blocks[c, NB_FIRST]
         if fb >= num_blocks:
             break
         target = num_blocks - fb
-        nb = kv.node_num_blocks[c]
+        nb = kv.node_blocks[c, NB_NUM]
         if target > nb:
             target = nb
-        res = kv.resident[rep, c]
+        res = kv.kvn[rep, c, KN_RES]
         if target > res:
             target = res
         m = max_extent(kv, rep, c)

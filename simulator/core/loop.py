@@ -18,7 +18,8 @@ One heap of timed events drives every replica (see :mod:`simulator.core.heap`):
   one token (the first one ends its prefill: TTFT). Finished requests free their blocks
   (tail first) and release their children, which are dispatched ``wait_after_ready`` later.
 
-No Python objects are touched; the loop can stop after ``max_events`` and be resumed, which is
+No Python objects are touched, and per-sequence helpers receive only the few arrays they
+use (each array handed to a jitted call costs a reference-count round trip); the loop can stop after ``max_events`` and be resumed, which is
 how the Python side draws a progress bar.
 """
 
@@ -30,6 +31,16 @@ from numba import njit
 
 from simulator.core.heap import heap_pop, heap_push
 from simulator.core.kvcache import (
+    KN_FULL,
+    KN_PART,
+    KN_PMAX,
+    KN_RES,
+    KS_BLOCK_SIZE,
+    KS_BLOCKS,
+    KS_CACHING,
+    KS_FREE,
+    NB_FIRST,
+    NB_NUM,
     fifo_pop,
     fifo_push,
     lookup_hit_blocks,
@@ -45,6 +56,11 @@ from simulator.core.state import (
     EV_ARRIVAL,
     EV_SCHEDULE,
     EV_STEP_END,
+    G_ERROR,
+    G_NUM_DONE,
+    G_NUM_EVENTS,
+    G_ROUTER,
+    G_RR_NEXT,
     HIST_BINS_PER_DECADE,
     HIST_MIN_SECONDS,
     HIST_NUM_BINS,
@@ -53,10 +69,55 @@ from simulator.core.state import (
     REJECT_PARENT,
     ROUTE_LEAST_OUTSTANDING,
     ROUTE_SESSION_AFFINITY,
+    RP_BUSY,
+    RP_BUSY_SECONDS,
+    RP_DECODE_TOKENS,
+    RP_MAX_BATCHED,
+    RP_MAX_LEN,
+    RP_MAX_SEQS,
+    RP_N_RUNNING,
+    RP_N_SCHED,
+    RP_N_WAITING,
+    RP_NUM_STEPS,
+    RP_OUTSTANDING,
+    RP_PEAK_RUNNING,
+    RP_PEAK_USED,
+    RP_PREEMPTIONS,
+    RP_PREFILL_TOKENS,
+    RP_STATE_BLOCKS,
+    RP_STEP_START,
+    RP_WQ_HEAD,
+    RP_WQ_TAIL,
+    RQ_ARRIVAL,
+    RQ_CACHED,
+    RQ_COMMITTED,
+    RQ_COMPUTED,
+    RQ_FEXT,
+    RQ_FINISH,
+    RQ_FIRST_SCHED,
+    RQ_FIRST_TOKEN,
+    RQ_FPOS,
+    RQ_LAST_TOKEN,
+    RQ_MAX_GAP,
+    RQ_NUM_TOKENS,
+    RQ_OUT_DONE,
+    RQ_PARENT_FAILED,
+    RQ_PENDING,
+    RQ_PREEMPTIONS,
+    RQ_PRIVATE,
+    RQ_READY,
+    RQ_REJECT,
+    RQ_REPLICA,
+    RQ_SCHED_TOKENS,
+    RQ_STATUS,
+    RQ_TABLE_LEN,
+    RQ_WQ_NEXT,
+    RQ_WQ_PREV,
     ST_DISPATCHING,
     ST_FINISHED,
     ST_PENDING,
     ST_REJECTED,
+    ST_RELEASING,
     ST_RUNNING,
     ST_WAITING,
 )
@@ -66,45 +127,38 @@ from simulator.costmodel import step_seconds
 # block references of one request (see kvcache.py for the data structure)
 
 
-@njit(cache=True, inline="always")
-def _drop_partial(kv, rq, rp, wl, rep, c, ext, r):
+@njit(cache=True)
+def _drop_partial(kv, rqi, running, n_running, path_nodes, rep, c, ext, r):
     """Request ``r`` stops being a partial referencer of node ``c`` at extent ``ext``."""
-    kv.part_refs[rep, c] -= 1
-    if kv.part_refs[rep, c] == 0:
-        kv.part_max[rep, c] = 0
-    elif ext > 0 and ext >= kv.part_max[rep, c]:
+    kvn = kv.kvn
+    kvn[rep, c, KN_PART] -= 1
+    if kvn[rep, c, KN_PART] == 0:
+        kvn[rep, c, KN_PMAX] = 0
+    elif ext > 0 and ext >= kvn[rep, c, KN_PMAX]:
         m = 0
-        for i in range(rp.n_running[rep]):
-            q = rp.running[rep, i]
-            if q != r and wl.path_nodes[rq.frontier_pos[q]] == c and rq.frontier_ext[q] > m:
-                m = rq.frontier_ext[q]
-        kv.part_max[rep, c] = m
+        for i in range(n_running):
+            q = running[rep, i]
+            if q != r and path_nodes[rqi[q, RQ_FPOS]] == c and rqi[q, RQ_FEXT] > m:
+                m = rqi[q, RQ_FEXT]
+        kvn[rep, c, KN_PMAX] = m
 
 
 @njit(cache=True)
-def _attach(kv, rq, wl, rep, r):
-    rq.frontier_pos[r] = wl.req_path_start[r]
-    rq.frontier_ext[r] = 0
-    rq.committed_blocks[r] = 0
-    kv.part_refs[rep, wl.path_nodes[rq.frontier_pos[r]]] += 1
-
-
-@njit(cache=True, inline="always")
-def _advance(kv, rq, rp, wl, rep, r, new_committed, computed):
+def _advance(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r, new_committed,
+             computed):
     """Reference the first ``new_committed`` blocks of ``r``'s sequence.
 
     ``computed``: the blocks past the cached prefix were computed by ``r`` (they become cached
-    content) rather than found in the cache (a prefix hit).
+    content) rather than found in the cache (a prefix hit). O(nodes crossed).
     """
-    if new_committed <= rq.committed_blocks[r]:
-        return
-    j = rq.frontier_pos[r]
-    last = wl.req_path_start[r + 1] - 1
-    ext = rq.frontier_ext[r]
+    kvn = kv.kvn
+    j = rqi[r, RQ_FPOS]
+    last = req_path_start[r + 1] - 1
+    ext = rqi[r, RQ_FEXT]
     while True:
-        c = wl.path_nodes[j]
-        fb = kv.node_first_block[c]
-        nb = kv.node_num_blocks[c]
+        c = path_nodes[j]
+        fb = kv.node_blocks[c, NB_FIRST]
+        nb = kv.node_blocks[c, NB_NUM]
         target = new_committed - fb
         if target > nb:
             target = nb
@@ -112,93 +166,106 @@ def _advance(kv, rq, rp, wl, rep, r, new_committed, computed):
         ext_before = ext
         if target > ext:
             old_max = max_extent(kv, rep, c)
-            if target > old_max and kv.resident[rep, c] > old_max:
+            if target > old_max and kvn[rep, c, KN_RES] > old_max:
                 take_from_queue(kv, rep, c, target)
-            res = kv.resident[rep, c]
+            res = kvn[rep, c, KN_RES]
             if computed and target > res:
-                rq.private_blocks[r] -= target - (res if res > ext else ext)
-                kv.resident[rep, c] = target
-            if not moving_on and target > kv.part_max[rep, c]:
-                kv.part_max[rep, c] = target
+                rqi[r, RQ_PRIVATE] -= target - (res if res > ext else ext)
+                kvn[rep, c, KN_RES] = target
+            if not moving_on and target > kvn[rep, c, KN_PMAX]:
+                kvn[rep, c, KN_PMAX] = target
             ext = target
         if not moving_on:
             break
-        _drop_partial(kv, rq, rp, wl, rep, c, ext_before, r)
-        kv.full_refs[rep, c] += 1
+        _drop_partial(kv, rqi, running, n_running, path_nodes, rep, c, ext_before, r)
+        kvn[rep, c, KN_FULL] += 1
         j += 1
         ext = 0
-        kv.part_refs[rep, wl.path_nodes[j]] += 1
-    rq.frontier_pos[r] = j
-    rq.frontier_ext[r] = ext
-    rq.committed_blocks[r] = new_committed
+        kvn[rep, path_nodes[j], KN_PART] += 1
+    rqi[r, RQ_FPOS] = j
+    rqi[r, RQ_FEXT] = ext
+    rqi[r, RQ_COMMITTED] = new_committed
 
 
 @njit(cache=True)
-def _release(kv, rq, rp, wl, rep, r):
+def _release(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r):
     """Free every block of ``r``: private ones first, then its path from the tail up."""
-    if rq.private_blocks[r] > 0:
-        fifo_push(kv, rep, -1, 0, rq.private_blocks[r])
-    if kv.caching[rep] == 1:
-        j = rq.frontier_pos[r]
-        c = wl.path_nodes[j]
+    kvn = kv.kvn
+    if rqi[r, RQ_PRIVATE] > 0:
+        fifo_push(kv, rep, -1, 0, rqi[r, RQ_PRIVATE])
+    if kv.kvs[rep, KS_CACHING] == 1:
+        j = rqi[r, RQ_FPOS]
+        c = path_nodes[j]
         old = max_extent(kv, rep, c)
-        _drop_partial(kv, rq, rp, wl, rep, c, rq.frontier_ext[r], r)
+        _drop_partial(kv, rqi, running, n_running, path_nodes, rep, c, rqi[r, RQ_FEXT], r)
         new = max_extent(kv, rep, c)
         if new < old:
             fifo_push(kv, rep, c, new, old)
-        start = wl.req_path_start[r]
-        for jj in range(j - 1, start - 1, -1):
-            c = wl.path_nodes[jj]
+        for jj in range(j - 1, req_path_start[r] - 1, -1):
+            c = path_nodes[jj]
             old = max_extent(kv, rep, c)
-            kv.full_refs[rep, c] -= 1
+            kvn[rep, c, KN_FULL] -= 1
             new = max_extent(kv, rep, c)
             if new < old:
                 fifo_push(kv, rep, c, new, old)
-    rq.private_blocks[r] = 0
-    rq.table_len[r] = 0
-    rq.committed_blocks[r] = 0
-    rq.frontier_ext[r] = 0
+    rqi[r, RQ_PRIVATE] = 0
+    rqi[r, RQ_TABLE_LEN] = 0
+    rqi[r, RQ_COMMITTED] = 0
+    rqi[r, RQ_FEXT] = 0
+
+
+@njit(cache=True, inline="always")
+def _gap_bin(gap):
+    """Histogram bin of a token gap of ``gap`` seconds."""
+    if gap < HIST_MIN_SECONDS:
+        return 0
+    b = 1 + int(math.floor(math.log10(gap / HIST_MIN_SECONDS) * HIST_BINS_PER_DECADE))
+    if b > HIST_NUM_BINS - 1:
+        b = HIST_NUM_BINS - 1
+    return b
 
 
 # ----------------------------------------------------------------------------------------------
-# queues
+# waiting queue: a doubly-linked list through the request table, one per replica
 
 
 @njit(cache=True)
-def _wq_push_back(rq, rp, rep, r):
-    rq.wq_next[r] = -1
-    rq.wq_prev[r] = rp.wq_tail[rep]
-    if rp.wq_tail[rep] != -1:
-        rq.wq_next[rp.wq_tail[rep]] = r
+def _wq_push_back(rqi, rpi, rep, r):
+    tail = rpi[rep, RP_WQ_TAIL]
+    rqi[r, RQ_WQ_NEXT] = -1
+    rqi[r, RQ_WQ_PREV] = tail
+    if tail != -1:
+        rqi[tail, RQ_WQ_NEXT] = r
     else:
-        rp.wq_head[rep] = r
-    rp.wq_tail[rep] = r
-    rp.n_waiting[rep] += 1
+        rpi[rep, RP_WQ_HEAD] = r
+    rpi[rep, RP_WQ_TAIL] = r
+    rpi[rep, RP_N_WAITING] += 1
 
 
 @njit(cache=True)
-def _wq_push_front(rq, rp, rep, r):
-    rq.wq_prev[r] = -1
-    rq.wq_next[r] = rp.wq_head[rep]
-    if rp.wq_head[rep] != -1:
-        rq.wq_prev[rp.wq_head[rep]] = r
+def _wq_push_front(rqi, rpi, rep, r):
+    head = rpi[rep, RP_WQ_HEAD]
+    rqi[r, RQ_WQ_PREV] = -1
+    rqi[r, RQ_WQ_NEXT] = head
+    if head != -1:
+        rqi[head, RQ_WQ_PREV] = r
     else:
-        rp.wq_tail[rep] = r
-    rp.wq_head[rep] = r
-    rp.n_waiting[rep] += 1
+        rpi[rep, RP_WQ_TAIL] = r
+    rpi[rep, RP_WQ_HEAD] = r
+    rpi[rep, RP_N_WAITING] += 1
 
 
 @njit(cache=True)
-def _wq_pop_front(rq, rp, rep):
-    r = rp.wq_head[rep]
-    nxt = rq.wq_next[r]
-    rp.wq_head[rep] = nxt
+def _wq_pop_front(rqi, rpi, rep):
+    r = rpi[rep, RP_WQ_HEAD]
+    nxt = rqi[r, RQ_WQ_NEXT]
+    rpi[rep, RP_WQ_HEAD] = nxt
     if nxt != -1:
-        rq.wq_prev[nxt] = -1
+        rqi[nxt, RQ_WQ_PREV] = -1
     else:
-        rp.wq_tail[rep] = -1
-    rq.wq_next[r] = -1
-    rp.n_waiting[rep] -= 1
+        rpi[rep, RP_WQ_TAIL] = -1
+    rqi[r, RQ_WQ_NEXT] = -1
+    rpi[rep, RP_N_WAITING] -= 1
     return r
 
 
@@ -207,44 +274,46 @@ def _wq_pop_front(rq, rp, rep):
 
 
 @njit(cache=True)
-def _preempt(kv, rq, rp, wl, rep, victim):
-    _release(kv, rq, rp, wl, rep, victim)
-    rq.num_computed[victim] = 0
-    rq.num_preemptions[victim] += 1
-    rp.num_preemptions[rep] += 1
-    rq.status[victim] = ST_WAITING
-    _wq_push_front(rq, rp, rep, victim)
-
-
-@njit(cache=True)
-def _schedule(kv, rq, rp, wl, g, rep, now):
+def _schedule(kv, q, p, wl, g, rep, now):
     """Form one batch on replica ``rep`` (vLLM V1 order). Returns the number scheduled."""
-    bs = kv.block_size[0]
-    budget = rp.max_num_batched_tokens[rep]
-    max_len = rp.max_model_len[rep]
-    caching = kv.caching[rep] == 1
+    rqi = q.rqi
+    rpi = p.rpi
+    running = p.running
+    path_nodes = wl.path_nodes
+    path_start = wl.req_path_start
+    kvs = kv.kvs
+    bs = kvs[rep, KS_BLOCK_SIZE]
+    budget = rpi[rep, RP_MAX_BATCHED]
+    max_len = rpi[rep, RP_MAX_LEN]
+    caching = kvs[rep, KS_CACHING] == 1
     n_sched = 0
     preempted = False
     # 1. running requests, in admission order
     i = 0
-    while i < rp.n_running[rep] and budget > 0:
-        r = rp.running[rep, i]
-        n = rq.num_tokens[r] - rq.num_computed[r]
+    while i < rpi[rep, RP_N_RUNNING] and budget > 0:
+        r = running[rep, i]
+        computed = rqi[r, RQ_COMPUTED]
+        n = rqi[r, RQ_NUM_TOKENS] - computed
         if n > budget:
             n = budget
-        if n > max_len - 1 - rq.num_computed[r]:
-            n = max_len - 1 - rq.num_computed[r]
+        if n > max_len - 1 - computed:
+            n = max_len - 1 - computed
         if n <= 0:
             i += 1
             continue
-        need = (rq.num_computed[r] + n + bs - 1) // bs - rq.table_len[r]
+        need = (computed + n + bs - 1) // bs - rqi[r, RQ_TABLE_LEN]
         self_preempted = False
-        while need > kv.num_free[rep]:
-            last = rp.n_running[rep] - 1
-            victim = rp.running[rep, last]
-            rp.running[rep, last] = -1
-            rp.n_running[rep] = last
-            _preempt(kv, rq, rp, wl, rep, victim)
+        while need > kvs[rep, KS_FREE]:
+            last = rpi[rep, RP_N_RUNNING] - 1
+            victim = running[rep, last]
+            running[rep, last] = -1
+            rpi[rep, RP_N_RUNNING] = last
+            _release(kv, rqi, running, last, path_nodes, path_start, rep, victim)
+            rqi[victim, RQ_COMPUTED] = 0
+            rqi[victim, RQ_PREEMPTIONS] += 1
+            rpi[rep, RP_PREEMPTIONS] += 1
+            rqi[victim, RQ_STATUS] = ST_WAITING
+            _wq_push_front(rqi, rpi, rep, victim)
             preempted = True
             if victim == r:
                 self_preempted = True
@@ -253,75 +322,84 @@ def _schedule(kv, rq, rp, wl, g, rep, now):
             break
         if need > 0:
             fifo_pop(kv, rep, need)
-            rq.private_blocks[r] += need
-            rq.table_len[r] += need
-        rp.scheduled[rep, n_sched] = r
-        rp.scheduled_new[rep, n_sched] = n
+            rqi[r, RQ_PRIVATE] += need
+            rqi[r, RQ_TABLE_LEN] += need
+        p.scheduled[rep, n_sched] = r
+        p.scheduled_new[rep, n_sched] = n
         g.new_tokens[n_sched] = n
-        g.context_tokens[n_sched] = rq.num_computed[r]
+        g.context_tokens[n_sched] = computed
         n_sched += 1
-        rq.num_computed[r] += n
-        rq.num_scheduled_tokens[r] += n
+        computed += n
+        rqi[r, RQ_COMPUTED] = computed
+        rqi[r, RQ_SCHED_TOKENS] += n
         budget -= n
         if caching:
-            full = rq.num_computed[r]
-            if full > rq.num_tokens[r]:
-                full = rq.num_tokens[r]
-            _advance(kv, rq, rp, wl, rep, r, full // bs, True)
+            full = computed if computed < rqi[r, RQ_NUM_TOKENS] else rqi[r, RQ_NUM_TOKENS]
+            if full // bs > rqi[r, RQ_COMMITTED]:
+                _advance(kv, rqi, running, rpi[rep, RP_N_RUNNING], path_nodes, path_start, rep,
+                         r, full // bs, True)
         i += 1
     # 2. waiting requests, FCFS, only if nothing was preempted in this step
     if not preempted:
         while (
-            rp.wq_head[rep] != -1 and budget > 0 and rp.n_running[rep] < rp.max_num_seqs[rep]
+            rpi[rep, RP_WQ_HEAD] != -1
+            and budget > 0
+            and rpi[rep, RP_N_RUNNING] < rpi[rep, RP_MAX_SEQS]
         ):
-            r = rp.wq_head[rep]
-            ps = wl.req_path_start[r]
-            pe = wl.req_path_start[r + 1]
+            r = rpi[rep, RP_WQ_HEAD]
+            ps = path_start[r]
+            pe = path_start[r + 1]
+            num_tokens = rqi[r, RQ_NUM_TOKENS]
             hits = 0
             if caching:
-                hits = lookup_hit_blocks(kv, wl.path_nodes, ps, pe, rep, rq.num_tokens[r])
+                hits = lookup_hit_blocks(kv, path_nodes, ps, pe, rep, num_tokens)
             computed = hits * bs
-            n = rq.num_tokens[r] - computed
+            n = num_tokens - computed
             if n > budget:
                 n = budget
             new_blocks = (computed + n + bs - 1) // bs - hits
-            extra = rp.state_blocks_per_seq[rep]
+            extra = rpi[rep, RP_STATE_BLOCKS]
             touched = 0
             if hits > 0:
-                touched = queued_blocks_in_prefix(kv, wl.path_nodes, ps, pe, rep, hits)
-            if new_blocks + extra + touched > kv.num_free[rep]:
+                touched = queued_blocks_in_prefix(kv, path_nodes, ps, pe, rep, hits)
+            if new_blocks + extra + touched > kvs[rep, KS_FREE]:
                 break
-            _wq_pop_front(rq, rp, rep)
+            _wq_pop_front(rqi, rpi, rep)
+            n_run = rpi[rep, RP_N_RUNNING]
             if caching:
-                _attach(kv, rq, wl, rep, r)
-                _advance(kv, rq, rp, wl, rep, r, hits, False)
-            rq.table_len[r] = hits
+                rqi[r, RQ_FPOS] = ps
+                rqi[r, RQ_FEXT] = 0
+                rqi[r, RQ_COMMITTED] = 0
+                kv.kvn[rep, path_nodes[ps], KN_PART] += 1
+                if hits > 0:
+                    _advance(kv, rqi, running, n_run, path_nodes, path_start, rep, r, hits,
+                             False)
             take = new_blocks + extra
             if take > 0:
                 fifo_pop(kv, rep, take)
-            rq.private_blocks[r] += take
-            rq.table_len[r] += new_blocks
-            rq.num_computed[r] = computed
-            if rq.num_cached_tokens[r] < 0:
-                rq.num_cached_tokens[r] = computed
-                rq.first_scheduled_time[r] = now
-            rq.status[r] = ST_RUNNING
-            rp.running[rep, rp.n_running[rep]] = r
-            rp.n_running[rep] += 1
-            rp.scheduled[rep, n_sched] = r
-            rp.scheduled_new[rep, n_sched] = n
+            rqi[r, RQ_PRIVATE] += take
+            rqi[r, RQ_TABLE_LEN] = hits + new_blocks
+            if rqi[r, RQ_CACHED] < 0:
+                rqi[r, RQ_CACHED] = computed
+                q.rqf[r, RQ_FIRST_SCHED] = now
+            rqi[r, RQ_STATUS] = ST_RUNNING
+            running[rep, n_run] = r
+            rpi[rep, RP_N_RUNNING] = n_run + 1
+            p.scheduled[rep, n_sched] = r
+            p.scheduled_new[rep, n_sched] = n
             g.new_tokens[n_sched] = n
             g.context_tokens[n_sched] = computed
             n_sched += 1
-            rq.num_computed[r] = computed + n
-            rq.num_scheduled_tokens[r] += n
+            computed += n
+            rqi[r, RQ_COMPUTED] = computed
+            rqi[r, RQ_SCHED_TOKENS] += n
             budget -= n
             if caching:
-                full = rq.num_computed[r]
-                if full > rq.num_tokens[r]:
-                    full = rq.num_tokens[r]
-                _advance(kv, rq, rp, wl, rep, r, full // bs, True)
-    rp.n_scheduled[rep] = n_sched
+                full = computed if computed < num_tokens else num_tokens
+                if full // bs > rqi[r, RQ_COMMITTED]:
+                    _advance(kv, rqi, running, n_run + 1, path_nodes, path_start, rep, r,
+                             full // bs, True)
+    rpi[rep, RP_N_SCHED] = n_sched
     return n_sched
 
 
@@ -329,158 +407,169 @@ def _schedule(kv, rq, rp, wl, g, rep, now):
 # events
 
 
-@njit(cache=True, inline="always")
-def _record_gap(g, rq, r, gap):
-    if gap > rq.max_token_gap[r]:
-        rq.max_token_gap[r] = gap
-    if gap < HIST_MIN_SECONDS:
-        b = 0
-    else:
-        b = 1 + int(math.floor(math.log10(gap / HIST_MIN_SECONDS) * HIST_BINS_PER_DECADE))
-        if b > HIST_NUM_BINS - 1:
-            b = HIST_NUM_BINS - 1
-    g.gap_hist[b] += 1
-
-
 @njit(cache=True)
-def _release_children(rq, wl, heap, r, now, failed):
+def _release_children(q, wl, heap, r, now, failed):
     """``r`` is done (finished, or rejected if ``failed``); dispatch children that are ready."""
+    rqi = q.rqi
+    rqf = q.rqf
     ok = True
     for k in range(wl.req_children_start[r], wl.req_children_start[r + 1]):
         ch = wl.child_ids[k]
         if failed:
-            rq.parent_failed[ch] = 1
-        rq.pending_parents[ch] -= 1
-        if rq.pending_parents[ch] == 0:
-            rq.ready_time[ch] = now
-            rq.arrival_time[ch] = now + wl.req_wait_after_ready[ch]
-            rq.status[ch] = ST_DISPATCHING
-            if not heap_push(heap, rq.arrival_time[ch], EV_ARRIVAL, ch):
+            rqi[ch, RQ_PARENT_FAILED] = 1
+        rqi[ch, RQ_PENDING] -= 1
+        if rqi[ch, RQ_PENDING] == 0:
+            rqf[ch, RQ_READY] = now
+            rqf[ch, RQ_ARRIVAL] = now + wl.req_wait_after_ready[ch]
+            rqi[ch, RQ_STATUS] = ST_DISPATCHING
+            if not heap_push(heap, rqf[ch, RQ_ARRIVAL], EV_ARRIVAL, ch):
                 ok = False
     return ok
 
 
 @njit(cache=True)
-def _route(rq, rp, wl, g, r):
-    n_rep = rp.n_running.shape[0]
+def _route(rpi, gi, req_session, r):
+    n_rep = rpi.shape[0]
     if n_rep == 1:
         return 0
-    policy = g.router[0]
+    policy = gi[G_ROUTER]
     if policy == ROUTE_LEAST_OUTSTANDING:
         best = 0
         for k in range(1, n_rep):
-            if rp.outstanding[k] < rp.outstanding[best]:
+            if rpi[k, RP_OUTSTANDING] < rpi[best, RP_OUTSTANDING]:
                 best = k
         return best
     if policy == ROUTE_SESSION_AFFINITY:
-        return wl.req_session[r] % n_rep
-    rep = g.rr_next[0] % n_rep
-    g.rr_next[0] += 1
+        return req_session[r] % n_rep
+    rep = gi[G_RR_NEXT] % n_rep
+    gi[G_RR_NEXT] += 1
     return rep
 
 
 @njit(cache=True)
-def _reject(rq, wl, heap, g, r, reason, now):
-    rq.status[r] = ST_REJECTED
-    rq.reject_reason[r] = reason
-    g.num_done[0] += 1
-    return _release_children(rq, wl, heap, r, now, True)
+def _reject(q, wl, heap, g, r, reason, now):
+    q.rqi[r, RQ_STATUS] = ST_REJECTED
+    q.rqi[r, RQ_REJECT] = reason
+    g.gi[G_NUM_DONE] += 1
+    return _release_children(q, wl, heap, r, now, True)
 
 
 @njit(cache=True)
-def _on_arrival(kv, rq, rp, wl, g, heap, r, now):
-    if rq.parent_failed[r] == 1:
-        return _reject(rq, wl, heap, g, r, REJECT_PARENT, now)
-    rep = _route(rq, rp, wl, g, r)
-    rq.replica[r] = rep
+def _on_arrival(kv, q, p, wl, g, heap, r, now):
+    rqi = q.rqi
+    rpi = p.rpi
+    if rqi[r, RQ_PARENT_FAILED] == 1:
+        return _reject(q, wl, heap, g, r, REJECT_PARENT, now)
+    rep = _route(rpi, g.gi, wl.req_session, r)
+    rqi[r, RQ_REPLICA] = rep
     total = wl.req_prompt_tokens[r] + wl.req_output_tokens[r]
-    if total > rp.max_model_len[rep]:
-        return _reject(rq, wl, heap, g, r, REJECT_MAX_MODEL_LEN, now)
-    bs = kv.block_size[0]
-    if (total + bs - 1) // bs + rp.state_blocks_per_seq[rep] > kv.num_blocks[rep]:
-        return _reject(rq, wl, heap, g, r, REJECT_KV_CAPACITY, now)
-    rq.status[r] = ST_WAITING
-    rq.num_tokens[r] = wl.req_prompt_tokens[r]
-    rp.outstanding[rep] += 1
-    _wq_push_back(rq, rp, rep, r)
-    if rp.busy[rep] == 0:
-        rp.busy[rep] = 1
+    if total > rpi[rep, RP_MAX_LEN]:
+        return _reject(q, wl, heap, g, r, REJECT_MAX_MODEL_LEN, now)
+    bs = kv.kvs[rep, KS_BLOCK_SIZE]
+    if (total + bs - 1) // bs + rpi[rep, RP_STATE_BLOCKS] > kv.kvs[rep, KS_BLOCKS]:
+        return _reject(q, wl, heap, g, r, REJECT_KV_CAPACITY, now)
+    rqi[r, RQ_STATUS] = ST_WAITING
+    rqi[r, RQ_NUM_TOKENS] = wl.req_prompt_tokens[r]
+    rpi[rep, RP_OUTSTANDING] += 1
+    _wq_push_back(rqi, rpi, rep, r)
+    if rpi[rep, RP_BUSY] == 0:
+        rpi[rep, RP_BUSY] = 1
         return heap_push(heap, now, EV_SCHEDULE, rep)
     return True
 
 
 @njit(cache=True)
-def _on_schedule(kv, rq, rp, wl, g, heap, rep, now):
-    n = _schedule(kv, rq, rp, wl, g, rep, now)
+def _on_schedule(kv, q, p, wl, g, heap, rep, now):
+    rpi = p.rpi
+    n = _schedule(kv, q, p, wl, g, rep, now)
     if n == 0:
-        rp.busy[rep] = 0
-        if rp.n_running[rep] > 0 or rp.n_waiting[rep] > 0:
-            g.error_payload[0] = rep
+        rpi[rep, RP_BUSY] = 0
+        if rpi[rep, RP_N_RUNNING] > 0 or rpi[rep, RP_N_WAITING] > 0:
+            g.gi[G_ERROR] = rep
             return CORE_ERR_STUCK
         return CORE_DONE
-    used = kv.num_blocks[rep] - kv.num_free[rep]
-    if used > rp.peak_used_blocks[rep]:
-        rp.peak_used_blocks[rep] = used
-    if rp.n_running[rep] > rp.peak_running[rep]:
-        rp.peak_running[rep] = rp.n_running[rep]
-    seconds = step_seconds(rp.cost_params[rep], g.new_tokens, g.context_tokens, n)
-    rp.step_start[rep] = now
-    rp.num_steps[rep] += 1
-    rp.busy_seconds[rep] += seconds
+    used = kv.kvs[rep, KS_BLOCKS] - kv.kvs[rep, KS_FREE]
+    if used > rpi[rep, RP_PEAK_USED]:
+        rpi[rep, RP_PEAK_USED] = used
+    if rpi[rep, RP_N_RUNNING] > rpi[rep, RP_PEAK_RUNNING]:
+        rpi[rep, RP_PEAK_RUNNING] = rpi[rep, RP_N_RUNNING]
+    seconds = step_seconds(p.cost_params[rep], g.new_tokens, g.context_tokens, n)
+    p.rpf[rep, RP_STEP_START] = now
+    p.rpf[rep, RP_BUSY_SECONDS] += seconds
+    rpi[rep, RP_NUM_STEPS] += 1
     if not heap_push(heap, now + seconds, EV_STEP_END, rep):
         return CORE_ERR_HEAP_FULL
     return CORE_DONE
 
 
 @njit(cache=True)
-def _on_step_end(kv, rq, rp, wl, g, heap, rep, now):
+def _on_step_end(kv, q, p, wl, g, heap, rep, now):
+    rqi = q.rqi
+    rqf = q.rqf
+    rpi = p.rpi
+    running = p.running
+    out_target = wl.req_output_tokens
+    gap_hist = g.gap_hist
     n_done = 0
     ok = True
-    for k in range(rp.n_scheduled[rep]):
-        r = rp.scheduled[rep, k]
-        n_new = rp.scheduled_new[rep, k]
-        if n_new == 1 and rq.num_output_done[r] > 0:
-            rp.decode_tokens[rep] += 1
+    n_sched = rpi[rep, RP_N_SCHED]
+    # most decodes in a step got their previous token at the previous step's end: one bin
+    step_start = p.rpf[rep, RP_STEP_START]
+    common_gap = now - step_start
+    common_bin = _gap_bin(common_gap)
+    for k in range(n_sched):
+        r = p.scheduled[rep, k]
+        n_new = p.scheduled_new[rep, k]
+        if n_new == 1 and rqi[r, RQ_OUT_DONE] > 0:
+            rpi[rep, RP_DECODE_TOKENS] += 1
         else:
-            rp.prefill_tokens[rep] += n_new
-        if rq.num_computed[r] < rq.num_tokens[r]:
+            rpi[rep, RP_PREFILL_TOKENS] += n_new
+        if rqi[r, RQ_COMPUTED] < rqi[r, RQ_NUM_TOKENS]:
             continue  # a prefill chunk that does not finish the prompt: no token yet
-        rq.num_output_done[r] += 1
-        rq.num_tokens[r] += 1
-        if rq.num_output_done[r] == 1:
-            rq.first_token_time[r] = now
+        done = rqi[r, RQ_OUT_DONE] + 1
+        rqi[r, RQ_OUT_DONE] = done
+        rqi[r, RQ_NUM_TOKENS] += 1
+        if done == 1:
+            rqf[r, RQ_FIRST_TOKEN] = now
         else:
-            _record_gap(g, rq, r, now - rq.last_token_time[r])
-        rq.last_token_time[r] = now
-        if rq.num_output_done[r] >= wl.req_output_tokens[r]:
-            rq.status[r] = ST_FINISHED
-            rq.finish_time[r] = now
+            last = rqf[r, RQ_LAST_TOKEN]
+            if last == step_start:
+                gap = common_gap
+                gap_hist[common_bin] += 1
+            else:
+                gap = now - last
+                gap_hist[_gap_bin(gap)] += 1
+            if gap > rqf[r, RQ_MAX_GAP]:
+                rqf[r, RQ_MAX_GAP] = gap
+        rqf[r, RQ_LAST_TOKEN] = now
+        if done >= out_target[r]:
+            rqi[r, RQ_STATUS] = ST_RELEASING
+            rqf[r, RQ_FINISH] = now
             n_done += 1
     if n_done > 0:
-        # remove finished requests from the running list, keeping the order of the rest;
-        # release each while the others are still listed (part_max rescans need them)
+        # drop finished requests from the running list, keeping the others' order; release
+        # each while the rest are still listed (partial-extent rescans look at them)
         w = 0
-        n_run = rp.n_running[rep]
+        n_run = rpi[rep, RP_N_RUNNING]
         for k in range(n_run):
-            r = rp.running[rep, k]
-            if rq.status[r] == ST_FINISHED:
-                _release(kv, rq, rp, wl, rep, r)
-                rq.status[r] = -ST_FINISHED  # mark as released
+            r = running[rep, k]
+            if rqi[r, RQ_STATUS] == ST_RELEASING:
+                _release(kv, rqi, running, n_run, wl.path_nodes, wl.req_path_start, rep, r)
+                rqi[r, RQ_STATUS] = ST_FINISHED
+                rpi[rep, RP_OUTSTANDING] -= 1
+                g.gi[G_NUM_DONE] += 1
             else:
-                rp.running[rep, w] = r
+                running[rep, w] = r
                 w += 1
         for k in range(w, n_run):
-            rp.running[rep, k] = -1
-        rp.n_running[rep] = w
-        for k in range(rp.n_scheduled[rep]):
-            r = rp.scheduled[rep, k]
-            if rq.status[r] == -ST_FINISHED:
-                rq.status[r] = ST_FINISHED
-                rp.outstanding[rep] -= 1
-                g.num_done[0] += 1
-                if not _release_children(rq, wl, heap, r, now, False):
+            running[rep, k] = -1
+        rpi[rep, RP_N_RUNNING] = w
+        for k in range(n_sched):
+            r = p.scheduled[rep, k]
+            if rqi[r, RQ_STATUS] == ST_FINISHED:
+                if not _release_children(q, wl, heap, r, now, False):
                     ok = False
-    rp.n_scheduled[rep] = 0
+    rpi[rep, RP_N_SCHED] = 0
     if not ok:
         return CORE_ERR_HEAP_FULL
     if not heap_push(heap, now, EV_SCHEDULE, rep):
@@ -489,23 +578,25 @@ def _on_step_end(kv, rq, rp, wl, g, heap, rep, now):
 
 
 @njit(cache=True)
-def init_events(rq, wl, heap):
+def init_events(q, wl, heap):
     """Queue the arrival of every request without parents; set pending-parent counts."""
+    rqi = q.rqi
+    rqf = q.rqf
     for r in range(wl.req_prompt_tokens.shape[0]):
         n_par = wl.req_parents_start[r + 1] - wl.req_parents_start[r]
-        rq.pending_parents[r] = n_par
-        rq.status[r] = ST_PENDING
+        rqi[r, RQ_PENDING] = n_par
+        rqi[r, RQ_STATUS] = ST_PENDING
         if n_par == 0:
-            rq.ready_time[r] = wl.req_arrival_time[r]
-            rq.arrival_time[r] = wl.req_arrival_time[r] + wl.req_wait_after_ready[r]
-            rq.status[r] = ST_DISPATCHING
-            if not heap_push(heap, rq.arrival_time[r], EV_ARRIVAL, r):
+            rqf[r, RQ_READY] = wl.req_arrival_time[r]
+            rqf[r, RQ_ARRIVAL] = wl.req_arrival_time[r] + wl.req_wait_after_ready[r]
+            rqi[r, RQ_STATUS] = ST_DISPATCHING
+            if not heap_push(heap, rqf[r, RQ_ARRIVAL], EV_ARRIVAL, r):
                 return False
     return True
 
 
 @njit(cache=True)
-def run_events(kv, rq, rp, wl, g, heap, max_events):
+def run_events(kv, q, p, wl, g, heap, max_events):
     """Process up to ``max_events`` events. Returns CORE_DONE, CORE_PAUSED or an error code."""
     count = 0
     while heap.size[0] > 0:
@@ -514,16 +605,16 @@ def run_events(kv, rq, rp, wl, g, heap, max_events):
         now, kind, payload = heap_pop(heap)
         g.now[0] = now
         count += 1
-        g.num_events[0] += 1
+        g.gi[G_NUM_EVENTS] += 1
         if kind == EV_ARRIVAL:
-            if not _on_arrival(kv, rq, rp, wl, g, heap, payload, now):
+            if not _on_arrival(kv, q, p, wl, g, heap, payload, now):
                 return CORE_ERR_HEAP_FULL
         elif kind == EV_SCHEDULE:
-            status = _on_schedule(kv, rq, rp, wl, g, heap, payload, now)
+            status = _on_schedule(kv, q, p, wl, g, heap, payload, now)
             if status != CORE_DONE:
                 return status
         else:
-            status = _on_step_end(kv, rq, rp, wl, g, heap, payload, now)
+            status = _on_step_end(kv, q, p, wl, g, heap, payload, now)
             if status != CORE_DONE:
                 return status
     return CORE_DONE

@@ -1,8 +1,10 @@
 """Struct-of-arrays state of a simulation: the contract between Python and the Numba loop.
 
-Everything here is a NamedTuple of numpy arrays, built in Python before the core runs (all
-validation happens there) and read back afterwards. Scalars that the core updates are
-length-1 arrays. Units: seconds, tokens, blocks, as each name says.
+State lives in a handful of 2-D arrays whose columns are named by the integer constants below
+(``rqi[r, RQ_NUM_TOKENS]`` is request ``r``'s token count). Few, wide arrays rather than many
+narrow ones: every array handed to a jitted function costs a reference-count round trip, and a
+request's fields sit together in one cache line. Everything is built in Python before the core
+runs (all validation happens there) and read back afterwards. Units: seconds, tokens, blocks.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ ST_WAITING = 2  # in a replica's waiting queue
 ST_RUNNING = 3
 ST_FINISHED = 4
 ST_REJECTED = 5
+ST_RELEASING = 6  # finished in the current step, blocks not yet released
 
 # Rejection reasons.
 REJECT_NONE = 0
-REJECT_MAX_MODEL_LEN = 1  # prompt + output tokens > max_model_len
-REJECT_KV_CAPACITY = 2  # prompt + output would not fit in the whole KV cache
-REJECT_PARENT = 3  # a parent request was rejected, so this one can never be built
+REJECT_MAX_MODEL_LEN = 1
+REJECT_KV_CAPACITY = 2
+REJECT_PARENT = 3
 REJECT_REASONS = {
     REJECT_NONE: "",
     REJECT_MAX_MODEL_LEN: "prompt + output exceeds max_model_len",
@@ -58,134 +61,136 @@ HIST_BINS_PER_DECADE = 200
 HIST_DECADES = 8
 HIST_NUM_BINS = HIST_BINS_PER_DECADE * HIST_DECADES + 2  # + underflow and overflow
 
+# --- request integer columns: rqi[r, col] ---
+RQ_STATUS = 0
+RQ_REJECT = 1
+RQ_PENDING = 2  # parents not finished yet
+RQ_PARENT_FAILED = 3
+RQ_REPLICA = 4  # -1 until dispatched
+RQ_NUM_TOKENS = 5  # prompt + outputs emitted so far
+RQ_OUT_DONE = 6  # outputs emitted
+RQ_COMPUTED = 7  # tokens whose KV is computed (vLLM num_computed_tokens)
+RQ_CACHED = 8  # prefix hit (tokens) at first scheduling, -1 before
+RQ_SCHED_TOKENS = 9  # all tokens ever scheduled, recompute included
+RQ_PREEMPTIONS = 10
+RQ_TABLE_LEN = 11  # blocks in the request's block table
+RQ_PRIVATE = 12  # physical blocks held that are not shared cache content
+RQ_COMMITTED = 13  # leading full blocks referenced in the prefix index
+RQ_FPOS = 14  # index into path_nodes of the node being filled (the frontier)
+RQ_FEXT = 15  # blocks of the frontier node referenced
+RQ_WQ_NEXT = 16  # waiting-queue links, -1 = none
+RQ_WQ_PREV = 17
+RQ_NUM_INT = 18
 
-class RequestState(NamedTuple):
-    status: np.ndarray  # int64[R]
-    reject_reason: np.ndarray  # int64[R]
-    pending_parents: np.ndarray  # int64[R]
-    parent_failed: np.ndarray  # int64[R]
-    replica: np.ndarray  # int64[R], -1 until dispatched
-    ready_time: np.ndarray  # float64[R], s: all parents finished (or arrival of a root)
-    arrival_time: np.ndarray  # float64[R], s: dispatched to the cluster (ready + wait)
-    first_scheduled_time: np.ndarray  # float64[R], s
-    first_token_time: np.ndarray  # float64[R], s
-    finish_time: np.ndarray  # float64[R], s
-    last_token_time: np.ndarray  # float64[R], s
-    num_tokens: np.ndarray  # int64[R], prompt + outputs emitted so far
-    num_output_done: np.ndarray  # int64[R]
-    num_computed: np.ndarray  # int64[R], tokens whose KV is computed (vLLM num_computed_tokens)
-    num_cached_tokens: np.ndarray  # int64[R], prefix hit at first scheduling, -1 before
-    num_scheduled_tokens: np.ndarray  # int64[R], all tokens ever scheduled (incl. recompute)
-    num_preemptions: np.ndarray  # int64[R]
-    max_token_gap: np.ndarray  # float64[R], s, largest gap between two tokens
-    # block bookkeeping (see kvcache.py)
-    table_len: np.ndarray  # int64[R], blocks in the request's block table
-    private_blocks: np.ndarray  # int64[R], physical blocks held that are not shared cache
-    committed_blocks: np.ndarray  # int64[R], leading full blocks referenced in the cache
-    frontier_pos: np.ndarray  # int64[R], index into path_nodes of the node being filled
-    frontier_ext: np.ndarray  # int64[R], blocks of that node referenced
-    wq_next: np.ndarray  # int64[R], waiting-queue links, -1 = none
-    wq_prev: np.ndarray  # int64[R]
+# --- request float columns: rqf[r, col], seconds ---
+RQ_READY = 0  # all parents finished (a root: its arrival time)
+RQ_ARRIVAL = 1  # dispatched to the cluster (ready + wait_after_ready)
+RQ_FIRST_SCHED = 2
+RQ_FIRST_TOKEN = 3
+RQ_FINISH = 4
+RQ_LAST_TOKEN = 5
+RQ_MAX_GAP = 6  # largest gap between two of its tokens
+RQ_NUM_FLOAT = 7
+
+# --- replica integer columns: rpi[rep, col] ---
+RP_MAX_BATCHED = 0  # max_num_batched_tokens
+RP_MAX_SEQS = 1
+RP_MAX_LEN = 2  # max_model_len
+RP_STATE_BLOCKS = 3  # blocks of recurrent state per running sequence (hybrid models)
+RP_N_RUNNING = 4
+RP_WQ_HEAD = 5
+RP_WQ_TAIL = 6
+RP_N_WAITING = 7
+RP_BUSY = 8  # 1 while a schedule or step event is pending
+RP_N_SCHED = 9  # requests in the step in flight
+RP_NUM_STEPS = 10
+RP_PREFILL_TOKENS = 11
+RP_DECODE_TOKENS = 12
+RP_PREEMPTIONS = 13
+RP_PEAK_USED = 14  # max of (pool - free queue) blocks
+RP_PEAK_RUNNING = 15
+RP_OUTSTANDING = 16  # dispatched, not finished
+RP_NUM_INT = 17
+
+# --- replica float columns: rpf[rep, col], seconds ---
+RP_STEP_START = 0
+RP_BUSY_SECONDS = 1
+RP_NUM_FLOAT = 2
+
+# --- global scalars ---
+G_ROUTER = 0
+G_RR_NEXT = 1
+G_NUM_DONE = 2  # finished + rejected
+G_NUM_EVENTS = 3
+G_ERROR = 4
+G_NUM_INT = 5
 
 
-class ReplicaState(NamedTuple):
-    cost_params: np.ndarray  # float64[n_rep, P], cost-model parameters of each replica
-    max_num_batched_tokens: np.ndarray  # int64[n_rep]
-    max_num_seqs: np.ndarray  # int64[n_rep]
-    max_model_len: np.ndarray  # int64[n_rep]
-    state_blocks_per_seq: np.ndarray  # int64[n_rep], blocks for recurrent state (hybrid models)
+class Requests(NamedTuple):
+    rqi: np.ndarray  # int64[R, RQ_NUM_INT]
+    rqf: np.ndarray  # float64[R, RQ_NUM_FLOAT]
+
+
+class Replicas(NamedTuple):
+    rpi: np.ndarray  # int64[n_rep, RP_NUM_INT]
+    rpf: np.ndarray  # float64[n_rep, RP_NUM_FLOAT]
     running: np.ndarray  # int64[n_rep, max seqs], in admission order
-    n_running: np.ndarray  # int64[n_rep]
-    wq_head: np.ndarray  # int64[n_rep]
-    wq_tail: np.ndarray  # int64[n_rep]
-    n_waiting: np.ndarray  # int64[n_rep]
-    busy: np.ndarray  # int64[n_rep], 1 while a schedule or step event is pending
     scheduled: np.ndarray  # int64[n_rep, max seqs], requests in the step in flight
     scheduled_new: np.ndarray  # int64[n_rep, max seqs], tokens each computes in it
-    n_scheduled: np.ndarray  # int64[n_rep]
-    step_start: np.ndarray  # float64[n_rep], s
-    # statistics
-    num_steps: np.ndarray  # int64[n_rep]
-    busy_seconds: np.ndarray  # float64[n_rep]
-    prefill_tokens: np.ndarray  # int64[n_rep], tokens computed in chunks of > 1 or first pass
-    decode_tokens: np.ndarray  # int64[n_rep]
-    num_preemptions: np.ndarray  # int64[n_rep]
-    peak_used_blocks: np.ndarray  # int64[n_rep], max of (pool - free queue)
-    peak_running: np.ndarray  # int64[n_rep]
-    outstanding: np.ndarray  # int64[n_rep], dispatched and not finished
+    cost_params: np.ndarray  # float64[n_rep, P], cost-model parameters of each replica
 
 
-class GlobalState(NamedTuple):
+class Globals(NamedTuple):
+    gi: np.ndarray  # int64[G_NUM_INT]
     now: np.ndarray  # float64[1], s
-    router: np.ndarray  # int64[1], router policy code
-    rr_next: np.ndarray  # int64[1]
-    num_done: np.ndarray  # int64[1], finished + rejected
-    num_events: np.ndarray  # int64[1]
-    error_payload: np.ndarray  # int64[1]
     gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive tokens
     new_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
     context_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
 
 
-def make_request_state(num_requests: int) -> RequestState:
-    r = num_requests
-
-    def i64(fill: int = 0) -> np.ndarray:
-        return np.full(r, fill, dtype=np.int64)
-
-    def f64() -> np.ndarray:
-        return np.full(r, np.nan, dtype=np.float64)
-
-    return RequestState(
-        status=i64(), reject_reason=i64(), pending_parents=i64(), parent_failed=i64(),
-        replica=i64(-1), ready_time=f64(), arrival_time=f64(), first_scheduled_time=f64(),
-        first_token_time=f64(), finish_time=f64(), last_token_time=f64(), num_tokens=i64(),
-        num_output_done=i64(), num_computed=i64(), num_cached_tokens=i64(-1),
-        num_scheduled_tokens=i64(), num_preemptions=i64(),
-        max_token_gap=np.zeros(r, dtype=np.float64), table_len=i64(), private_blocks=i64(),
-        committed_blocks=i64(), frontier_pos=i64(), frontier_ext=i64(), wq_next=i64(-1),
-        wq_prev=i64(-1),
-    )
+def make_requests(num_requests: int) -> Requests:
+    rqi = np.zeros((num_requests, RQ_NUM_INT), dtype=np.int64)
+    rqi[:, RQ_REPLICA] = -1
+    rqi[:, RQ_CACHED] = -1
+    rqi[:, RQ_WQ_NEXT] = -1
+    rqi[:, RQ_WQ_PREV] = -1
+    rqf = np.full((num_requests, RQ_NUM_FLOAT), np.nan, dtype=np.float64)
+    rqf[:, RQ_MAX_GAP] = 0.0
+    return Requests(rqi, rqf)
 
 
-def make_replica_state(
+def make_replicas(
     cost_params: np.ndarray,
     max_num_batched_tokens: np.ndarray,
     max_num_seqs: np.ndarray,
     max_model_len: np.ndarray,
     state_blocks_per_seq: np.ndarray,
-) -> ReplicaState:
+) -> Replicas:
     n = int(cost_params.shape[0])
     width = int(max_num_seqs.max())
-
-    def i64() -> np.ndarray:
-        return np.zeros(n, dtype=np.int64)
-
-    return ReplicaState(
-        cost_params=np.ascontiguousarray(cost_params, dtype=np.float64),
-        max_num_batched_tokens=max_num_batched_tokens.astype(np.int64),
-        max_num_seqs=max_num_seqs.astype(np.int64),
-        max_model_len=max_model_len.astype(np.int64),
-        state_blocks_per_seq=state_blocks_per_seq.astype(np.int64),
-        running=np.full((n, width), -1, dtype=np.int64), n_running=i64(),
-        wq_head=np.full(n, -1, dtype=np.int64), wq_tail=np.full(n, -1, dtype=np.int64),
-        n_waiting=i64(), busy=i64(),
+    rpi = np.zeros((n, RP_NUM_INT), dtype=np.int64)
+    rpi[:, RP_MAX_BATCHED] = max_num_batched_tokens
+    rpi[:, RP_MAX_SEQS] = max_num_seqs
+    rpi[:, RP_MAX_LEN] = max_model_len
+    rpi[:, RP_STATE_BLOCKS] = state_blocks_per_seq
+    rpi[:, RP_WQ_HEAD] = -1
+    rpi[:, RP_WQ_TAIL] = -1
+    return Replicas(
+        rpi=rpi,
+        rpf=np.zeros((n, RP_NUM_FLOAT), dtype=np.float64),
+        running=np.full((n, width), -1, dtype=np.int64),
         scheduled=np.full((n, width), -1, dtype=np.int64),
-        scheduled_new=np.zeros((n, width), dtype=np.int64), n_scheduled=i64(),
-        step_start=np.zeros(n, dtype=np.float64), num_steps=i64(),
-        busy_seconds=np.zeros(n, dtype=np.float64), prefill_tokens=i64(), decode_tokens=i64(),
-        num_preemptions=i64(), peak_used_blocks=i64(), peak_running=i64(), outstanding=i64(),
+        scheduled_new=np.zeros((n, width), dtype=np.int64),
+        cost_params=np.ascontiguousarray(cost_params, dtype=np.float64),
     )
 
 
-def make_global_state(router: int, max_num_seqs: int) -> GlobalState:
-    return GlobalState(
+def make_globals(router: int, max_num_seqs: int) -> Globals:
+    gi = np.zeros(G_NUM_INT, dtype=np.int64)
+    gi[G_ROUTER] = router
+    return Globals(
+        gi=gi,
         now=np.zeros(1, dtype=np.float64),
-        router=np.array([router], dtype=np.int64),
-        rr_next=np.zeros(1, dtype=np.int64),
-        num_done=np.zeros(1, dtype=np.int64),
-        num_events=np.zeros(1, dtype=np.int64),
-        error_payload=np.zeros(1, dtype=np.int64),
         gap_hist=np.zeros(HIST_NUM_BINS, dtype=np.int64),
         new_tokens=np.zeros(max_num_seqs, dtype=np.int64),
         context_tokens=np.zeros(max_num_seqs, dtype=np.int64),
