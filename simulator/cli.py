@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from simulator.cli_step import step_command
 from simulator.config import ExperimentError, experiment_json_schema, load_experiment
 
 
@@ -95,6 +96,9 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
                 continue
             seen.add(key)
             click.echo(f"  {p.model} on {p.hardware} x{p.tp}: {p.capacity_text}")
+            if not p.calibrated:
+                click.echo(f"  note: the {p.hardware} profile is not calibrated against measured "
+                           "step times; step times are roofline estimates")
     try:
         result = simulate(exp, progress=progress)
     except ExperimentError as exc:
@@ -151,12 +155,4 @@ def bench(num_requests: int, as_json: bool) -> None:
     click.echo(f"peak memory (RSS): {report['peak_rss_mib']:.0f} MiB")
 
 
-def _register_optional() -> None:
-    try:
-        from simulator.cli_step import step_command
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
-    main.add_command(step_command, name="step")
-
-
-_register_optional()
+main.add_command(step_command, name="step")

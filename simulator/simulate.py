@@ -73,6 +73,7 @@ class ReplicaPlan:
     state_blocks_per_seq: int
     cost_params: np.ndarray = field(repr=False)
     capacity_text: str = ""
+    calibrated: bool = False
 
 
 def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
@@ -118,7 +119,7 @@ def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
                 max_model_len=eng.max_model_len or DEFAULT_MAX_MODEL_LEN,
                 enable_prefix_caching=eng.enable_prefix_caching,
                 state_blocks_per_seq=int(state_blocks), cost_params=params,
-                capacity_text=cap.describe(),
+                capacity_text=cap.describe(), calibrated=hw.calibrated,
             )
         block_sizes.add(eng.block_size)
         base = cache[key]

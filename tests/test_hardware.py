@@ -22,7 +22,8 @@ def test_efficiencies_from_measurements():
     # measured BF16 8192^3: 783-791 TF; HBM read 2.81 TB/s
     assert 783e12 <= h100.matmul_rate("bf16") <= 791e12
     assert h100.hbm_bandwidth * h100.memory_efficiency == pytest.approx(2.81e12, rel=0.01)
-    assert h100.calibrated
+    # only the GEMM and HBM efficiencies are measured; attention and overheads are estimates
+    assert not h100.calibrated
 
 
 def test_b200_uncalibrated_with_fp4():
