@@ -93,6 +93,14 @@ class ClusterConfig(_Model):
 
 class OutputConfig(_Model):
     dir: str | None = Field(None, description="directory for results (relative to the CWD)")
+    window_seconds: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="width of the metrics-over-time windows (s)"
+    )
+    max_windows: int = Field(
+        2000, ge=1, le=1_000_000, description="windows kept; later tokens go to the last one"
+    )
+    step_log: bool = Field(False, description="record every engine step (timeline, trace export)")
+    max_step_records: int = Field(2_000_000, ge=1, le=100_000_000)
 
 
 class Experiment(_Model):

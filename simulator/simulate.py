@@ -34,6 +34,8 @@ from simulator.core.state import (
     G_ERROR,
     G_NUM_DONE,
     G_NUM_EVENTS,
+    G_STEP_DROPPED,
+    G_STEP_N,
     ROUTER_CODES,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
@@ -42,6 +44,14 @@ from simulator.core.state import (
     RP_PEAK_USED,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    SL_END,
+    SL_NUM_DECODES,
+    SL_NUM_SEQS,
+    SL_NUM_WAITING,
+    SL_PREFILL_TOKENS,
+    SL_REPLICA,
+    SL_START,
+    SL_USED_BLOCKS,
     make_globals,
     make_replicas,
     make_requests,
@@ -144,6 +154,14 @@ class Result:
     wall_seconds: float
     num_events: int
     expected_output_tokens: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    seed: int = 0
+    steps: pd.DataFrame | None = None  # one row per engine step, when outputs.step_log is on
+    steps_dropped: int = 0  # steps not recorded because the log was full
+    window_seconds: float = 10.0
+    gap_hist_windows: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
+    decode_seconds_by_count: np.ndarray = field(
+        repr=False, default_factory=lambda: np.zeros((0, 0))
+    )  # [replica, k]: seconds of steps with exactly k decoding sequences
 
     @property
     def num_gpus(self) -> int:
@@ -153,7 +171,7 @@ class Result:
         s = summarize(self.requests, self.replicas, self.gap_hist, self.num_gpus)
         s["wall_seconds"] = self.wall_seconds
         s["num_events"] = self.num_events
-        s["seed"] = self.experiment.seed
+        s["seed"] = self.seed
         s["name"] = self.experiment.name
         return s
 
@@ -165,6 +183,8 @@ class Result:
         self.replicas.to_parquet(out / "replicas.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=float))
         np.save(out / "token_gaps_hist.npy", self.gap_hist)
+        if self.steps is not None:
+            self.steps.to_parquet(out / "steps.parquet", index=False)
         return out
 
 
@@ -197,7 +217,11 @@ def simulate(
         np.array([p.state_blocks_per_seq for p in plans], dtype=np.int64),
     )
     q = make_requests(wl.num_requests)
-    g = make_globals(ROUTER_CODES[exp.cluster.router], max(pl.max_num_seqs for pl in plans))
+    out = exp.outputs
+    g = make_globals(
+        ROUTER_CODES[exp.cluster.router], max(pl.max_num_seqs for pl in plans),
+        out.window_seconds, out.max_windows, out.max_step_records if out.step_log else 0,
+    )
     heap = make_heap(wl.num_requests + 4 * n_rep + 16)
     if not init_events(q, wl, heap):
         raise RuntimeError("event heap overflow while queueing arrivals")
@@ -240,7 +264,26 @@ def simulate(
             "free_blocks_at_end": kv.kvs[:, KS_FREE],
         }
     )
+    steps = None
+    if out.step_log:
+        n_steps = int(g.gi[G_STEP_N])
+        log = g.step_log[:n_steps]
+        steps = pd.DataFrame(
+            {
+                "replica": log[:, SL_REPLICA].astype(np.int64),
+                "start": log[:, SL_START],
+                "end": log[:, SL_END],
+                "num_seqs": log[:, SL_NUM_SEQS].astype(np.int64),
+                "num_decodes": log[:, SL_NUM_DECODES].astype(np.int64),
+                "prefill_tokens": log[:, SL_PREFILL_TOKENS].astype(np.int64),
+                "used_blocks": log[:, SL_USED_BLOCKS].astype(np.int64),
+                "num_waiting": log[:, SL_NUM_WAITING].astype(np.int64),
+            }
+        )
     return Result(
         exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.gi[G_NUM_EVENTS]),
-        wl.req_output_tokens.copy(),
+        wl.req_output_tokens.copy(), exp.seed if seed is None else seed,
+        steps=steps, steps_dropped=int(g.gi[G_STEP_DROPPED]),
+        window_seconds=out.window_seconds, gap_hist_windows=g.gap_hist_win.copy(),
+        decode_seconds_by_count=p.decode_seconds_by_count.copy(),
     )

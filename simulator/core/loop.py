@@ -61,6 +61,9 @@ from simulator.core.state import (
     G_NUM_EVENTS,
     G_ROUTER,
     G_RR_NEXT,
+    G_STEP_DROPPED,
+    G_STEP_N,
+    GF_WINDOW_SECONDS,
     HIST_BINS_PER_DECADE,
     HIST_MIN_SECONDS,
     HIST_NUM_BINS,
@@ -113,6 +116,14 @@ from simulator.core.state import (
     RQ_TABLE_LEN,
     RQ_WQ_NEXT,
     RQ_WQ_PREV,
+    SL_END,
+    SL_NUM_DECODES,
+    SL_NUM_SEQS,
+    SL_NUM_WAITING,
+    SL_PREFILL_TOKENS,
+    SL_REPLICA,
+    SL_START,
+    SL_USED_BLOCKS,
     ST_DISPATCHING,
     ST_FINISHED,
     ST_PENDING,
@@ -120,6 +131,7 @@ from simulator.core.state import (
     ST_RELEASING,
     ST_RUNNING,
     ST_WAITING,
+    WIN_NUM_BINS,
 )
 from simulator.costmodel import step_seconds
 
@@ -223,6 +235,16 @@ def _gap_bin(gap):
     if b > HIST_NUM_BINS - 1:
         b = HIST_NUM_BINS - 1
     return b
+
+
+@njit(cache=True, inline="always")
+def _coarse_bin(b):
+    """Windowed-histogram bin (40 per decade) of a fine bin (200 per decade)."""
+    if b == 0:
+        return 0
+    if b >= HIST_NUM_BINS - 1:
+        return WIN_NUM_BINS - 1
+    return (b - 1) // 5 + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +488,8 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
     if total > rpi[rep, RP_MAX_LEN]:
         return _reject(q, wl, heap, g, r, REJECT_MAX_MODEL_LEN, now)
     bs = kv.kvs[rep, KS_BLOCK_SIZE]
-    if (total + bs - 1) // bs + rpi[rep, RP_STATE_BLOCKS] > kv.kvs[rep, KS_BLOCKS]:
+    # the last output token's KV is never computed: prompt + output - 1 tokens need blocks
+    if (total - 1 + bs - 1) // bs + rpi[rep, RP_STATE_BLOCKS] > kv.kvs[rep, KS_BLOCKS]:
         return _reject(q, wl, heap, g, r, REJECT_KV_CAPACITY, now)
     rqi[r, RQ_STATUS] = ST_WAITING
     rqi[r, RQ_NUM_TOKENS] = wl.req_prompt_tokens[r]
@@ -497,6 +520,32 @@ def _on_schedule(kv, q, p, wl, g, heap, rep, now):
     p.rpf[rep, RP_STEP_START] = now
     p.rpf[rep, RP_BUSY_SECONDS] += seconds
     rpi[rep, RP_NUM_STEPS] += 1
+    rqi = q.rqi
+    decodes = 0
+    prefill_tokens = 0
+    for k in range(n):
+        if g.new_tokens[k] == 1 and rqi[p.scheduled[rep, k], RQ_OUT_DONE] > 0:
+            decodes += 1
+        else:
+            prefill_tokens += g.new_tokens[k]
+    if decodes > 0:
+        p.decode_seconds_by_count[rep, decodes] += seconds
+    cap = g.step_log.shape[0]
+    if cap > 0:
+        i = g.gi[G_STEP_N]
+        if i < cap:
+            log = g.step_log
+            log[i, SL_REPLICA] = rep
+            log[i, SL_START] = now
+            log[i, SL_END] = now + seconds
+            log[i, SL_NUM_SEQS] = n
+            log[i, SL_NUM_DECODES] = decodes
+            log[i, SL_PREFILL_TOKENS] = prefill_tokens
+            log[i, SL_USED_BLOCKS] = used
+            log[i, SL_NUM_WAITING] = rpi[rep, RP_N_WAITING]
+            g.gi[G_STEP_N] = i + 1
+        else:
+            g.gi[G_STEP_DROPPED] += 1
     if not heap_push(heap, now + seconds, EV_STEP_END, rep):
         return CORE_ERR_HEAP_FULL
     return CORE_DONE
@@ -517,6 +566,11 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
     step_start = p.rpf[rep, RP_STEP_START]
     common_gap = now - step_start
     common_bin = _gap_bin(common_gap)
+    win = int(now / g.gf[GF_WINDOW_SECONDS])
+    if win >= g.gap_hist_win.shape[0]:
+        win = g.gap_hist_win.shape[0] - 1
+    win_hist = g.gap_hist_win[win]
+    common_coarse = _coarse_bin(common_bin)
     for k in range(n_sched):
         r = p.scheduled[rep, k]
         n_new = p.scheduled_new[rep, k]
@@ -536,9 +590,12 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
             if last == step_start:
                 gap = common_gap
                 gap_hist[common_bin] += 1
+                win_hist[common_coarse] += 1
             else:
                 gap = now - last
-                gap_hist[_gap_bin(gap)] += 1
+                b = _gap_bin(gap)
+                gap_hist[b] += 1
+                win_hist[_coarse_bin(b)] += 1
             if gap > rqf[r, RQ_MAX_GAP]:
                 rqf[r, RQ_MAX_GAP] = gap
         rqf[r, RQ_LAST_TOKEN] = now

@@ -123,7 +123,26 @@ G_RR_NEXT = 1
 G_NUM_DONE = 2  # finished + rejected
 G_NUM_EVENTS = 3
 G_ERROR = 4
-G_NUM_INT = 5
+G_STEP_N = 5  # steps recorded in the step log
+G_STEP_DROPPED = 6  # steps not recorded because the log was full
+G_NUM_INT = 7
+GF_WINDOW_SECONDS = 0  # width of the time windows of the windowed gap histograms
+GF_NUM = 1
+
+# --- step log columns: step_log[i, col] (times in seconds) ---
+SL_REPLICA = 0
+SL_START = 1
+SL_END = 2
+SL_NUM_SEQS = 3
+SL_NUM_DECODES = 4  # sequences computing one token after their first output
+SL_PREFILL_TOKENS = 5  # tokens of the other sequences (prefill chunks, recompute)
+SL_USED_BLOCKS = 6  # KV blocks held by running requests after scheduling
+SL_NUM_WAITING = 7  # requests left in the waiting queue
+SL_NUM = 8
+
+# Windowed token-gap histograms: coarser bins (40 per decade, <= 3 % error), one row per window.
+WIN_BINS_PER_DECADE = 40
+WIN_NUM_BINS = WIN_BINS_PER_DECADE * HIST_DECADES + 2
 
 
 class Requests(NamedTuple):
@@ -138,12 +157,16 @@ class Replicas(NamedTuple):
     scheduled: np.ndarray  # int64[n_rep, max seqs], requests in the step in flight
     scheduled_new: np.ndarray  # int64[n_rep, max seqs], tokens each computes in it
     cost_params: np.ndarray  # float64[n_rep, P], cost-model parameters of each replica
+    decode_seconds_by_count: np.ndarray  # float64[n_rep, max seqs + 1], step time by #decodes
 
 
 class Globals(NamedTuple):
     gi: np.ndarray  # int64[G_NUM_INT]
+    gf: np.ndarray  # float64[GF_NUM]
     now: np.ndarray  # float64[1], s
     gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive tokens
+    gap_hist_win: np.ndarray  # int64[num windows, WIN_NUM_BINS]; the last row takes the rest
+    step_log: np.ndarray  # float64[capacity, SL_NUM]; capacity 0 = not recorded
     new_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
     context_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
 
@@ -182,16 +205,28 @@ def make_replicas(
         scheduled=np.full((n, width), -1, dtype=np.int64),
         scheduled_new=np.zeros((n, width), dtype=np.int64),
         cost_params=np.ascontiguousarray(cost_params, dtype=np.float64),
+        decode_seconds_by_count=np.zeros((n, width + 1), dtype=np.float64),
     )
 
 
-def make_globals(router: int, max_num_seqs: int) -> Globals:
+def make_globals(
+    router: int,
+    max_num_seqs: int,
+    window_seconds: float = 10.0,
+    num_windows: int = 1000,
+    step_log_capacity: int = 0,
+) -> Globals:
     gi = np.zeros(G_NUM_INT, dtype=np.int64)
     gi[G_ROUTER] = router
+    gf = np.zeros(GF_NUM, dtype=np.float64)
+    gf[GF_WINDOW_SECONDS] = window_seconds
     return Globals(
         gi=gi,
+        gf=gf,
         now=np.zeros(1, dtype=np.float64),
         gap_hist=np.zeros(HIST_NUM_BINS, dtype=np.int64),
+        gap_hist_win=np.zeros((max(num_windows, 1), WIN_NUM_BINS), dtype=np.int64),
+        step_log=np.zeros((max(step_log_capacity, 0), SL_NUM), dtype=np.float64),
         new_tokens=np.zeros(max_num_seqs, dtype=np.int64),
         context_tokens=np.zeros(max_num_seqs, dtype=np.int64),
     )
