@@ -127,6 +127,30 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
 
 
 @main.command()
+@click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="directory for summaries.parquet and speed_distribution.png")
+@click.option("--json", "as_json", is_flag=True, help="print the table as JSON records")
+def compare(study_file: Path, out_dir: Path | None, as_json: bool) -> None:
+    """Run the variants of STUDY_FILE and compare their metrics side by side."""
+    from simulator.compare import load_study, run_study
+
+    try:
+        study, experiments = load_study(study_file)
+        table, _ = run_study(study, experiments, out_dir)
+    except ExperimentError as exc:
+        _fail(str(exc))
+        return
+    shown = table[study.metrics]
+    if as_json:
+        click.echo(shown.reset_index().to_json(orient="records"))
+        return
+    click.echo(shown.T.to_string(float_format=lambda v: f"{v:,.4g}"))
+    if out_dir is not None:
+        click.echo(f"written: {out_dir}/summaries.parquet, {out_dir}/speed_distribution.png")
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schema of experiment YAML files."""
     click.echo(json.dumps(experiment_json_schema(), indent=2))

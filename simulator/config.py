@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simulator.workload.compile import format_validation_error, parse_workload_spec
 from simulator.workload.compiled import WorkloadError
@@ -53,6 +53,45 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class SpeculativeConfig(_Model):
+    """Speculative decoding (see simulator/specdec.py for what is modelled)."""
+
+    method: Literal["mtp", "eagle", "draft_model", "ngram"]
+    num_speculative_tokens: int = Field(ge=1, le=16, description="draft tokens per step (k)")
+    acceptance_rate: float = Field(
+        ge=0.0, le=1.0, allow_inf_nan=False, description="mean per-token acceptance (alpha)"
+    )
+    acceptance_concentration: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Beta(a, b) with a + b = this spreads alpha across requests; None: all equal",
+    )
+    position_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="acceptance of draft position i = alpha * decay**i"
+    )
+    draft_model: str | None = Field(None, description="model of method draft_model")
+    k_by_batch_size: list[tuple[int, int]] | None = Field(
+        None, min_length=1, max_length=8,
+        description="dynamic k: [[max running requests, k], ...], first matching row",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculativeConfig:
+        if self.method == "draft_model" and not self.draft_model:
+            raise ValueError("method draft_model needs draft_model (a model name or config path)")
+        if self.method != "draft_model" and self.draft_model:
+            raise ValueError(f"draft_model is only used by method draft_model, not {self.method}")
+        if self.k_by_batch_size:
+            limits = [row[0] for row in self.k_by_batch_size]
+            if any(b <= a for a, b in zip(limits, limits[1:], strict=False)):
+                raise ValueError("k_by_batch_size rows must have increasing batch limits")
+            for limit, k in self.k_by_batch_size:
+                if limit < 1 or not 0 <= k <= 16:
+                    raise ValueError(
+                        f"k_by_batch_size row [{limit}, {k}]: need limit >= 1 and 0 <= k <= 16"
+                    )
+        return self
+
+
 class EngineConfig(_Model):
     """One replica's serving engine (vLLM V1 semantics). ``None`` means "vLLM's default"."""
 
@@ -73,6 +112,7 @@ class EngineConfig(_Model):
     num_gpu_blocks_override: int | None = Field(
         None, ge=1, description="force the KV block count (as vLLM's num_gpu_blocks_override)"
     )
+    speculative: SpeculativeConfig | None = None
 
 
 class ReplicaGroup(_Model):
@@ -114,7 +154,7 @@ class Experiment(_Model):
     outputs: OutputConfig = Field(default_factory=OutputConfig)
 
 
-def _load_yaml(path: Path) -> Any:
+def load_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -135,7 +175,7 @@ def _resolve_workload(value: Any, base: Path, source: str) -> WorkloadSpec:
         candidates = [base / value, Path(value)]
         for cand in candidates:
             if cand.is_file():
-                data = _load_yaml(cand)
+                data = load_yaml(cand)
                 try:
                     return parse_workload_spec(data, str(cand))
                 except WorkloadError as exc:
@@ -170,7 +210,7 @@ def parse_experiment(data: Any, source: str = "<experiment>", base: Path | None 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML file."""
     path = Path(path)
-    return parse_experiment(_load_yaml(path), str(path), path.parent)
+    return parse_experiment(load_yaml(path), str(path), path.parent)
 
 
 def engine_for(exp: Experiment, group: ReplicaGroup, source: str = "<experiment>") -> EngineConfig:

@@ -3,7 +3,8 @@
 * every request finished or was rejected with a reason; finished ones emitted exactly their
   output tokens;
 * tokens are conserved: a request never preempted scheduled exactly
-  ``prompt - cached + output - 1`` tokens (each output token but the last is fed back once);
+  ``prompt - cached + output - 1`` tokens (each output token but the last is fed back once),
+  plus the draft tokens it verified and rejected;
 * times are ordered: ready <= arrival <= scheduled <= first token <= finish;
 * children are dispatched exactly ``wait_after_ready`` after their last parent finished;
 * KV blocks are conserved: at the end every block is back in the free queue, and during a run
@@ -51,7 +52,9 @@ def check_result(result) -> list[str]:
         problems.append(f"request {int(fin['request_id'].iloc[bad[0]])} emitted {wl_out[bad[0]]} "
                         f"tokens, expected {expected_out[bad[0]]}")
     clean = fin[fin["preemptions"] == 0]
-    expect = clean["prompt_tokens"] - clean["cached_tokens"] + clean["output_tokens"] - 1
+    rejected_drafts = clean["spec_proposed"] - clean["spec_accepted"]
+    expect = (clean["prompt_tokens"] - clean["cached_tokens"] + clean["output_tokens"] - 1
+              + rejected_drafts)
     bad = np.flatnonzero(clean["scheduled_tokens"].to_numpy() != expect.to_numpy())
     if bad.size:
         row = clean.iloc[bad[0]]

@@ -8,6 +8,10 @@ Definitions (WORKLOADS.md "What users measure"):
   read from a fixed-memory log-binned histogram (200 bins per decade: <= 0.6 % relative error).
 * TPOT = (finish - first token) / (output tokens - 1) per request with more than one token.
 * E2E = finish time - arrival time.
+* TBC = gap between successive token *chunks* of one request; without speculative decoding
+  every chunk is one token and TBC == TBT. With it, a chunk of m tokens after a gap G counts
+  as m per-token gaps of G/m in TBT, and once as G in TBC.
+* Output speed = (output tokens - 1) / (finish - first token), tokens/s, per request.
 * Prefix-cache hit rate = cached prompt tokens at first scheduling / prompt tokens, over the
   requests that were scheduled (vLLM's ``num_cached_tokens``).
 """
@@ -24,6 +28,7 @@ from simulator.core.state import (
     REJECT_REASONS,
     RQ_ARRIVAL,
     RQ_CACHED,
+    RQ_CHUNKS,
     RQ_FINISH,
     RQ_FIRST_SCHED,
     RQ_FIRST_TOKEN,
@@ -34,12 +39,17 @@ from simulator.core.state import (
     RQ_REJECT,
     RQ_REPLICA,
     RQ_SCHED_TOKENS,
+    RQ_SPEC_ACCEPTED,
+    RQ_SPEC_PROPOSED,
     RQ_STATUS,
     ST_FINISHED,
     ST_REJECTED,
 )
 
 PERCENTILES = (50, 90, 95, 99)
+# per-request output speed (tokens/s after the first token): the left tail matters
+# (WORKLOADS.md: with speculative decoding p5 can worsen while p25-p50 improve)
+SPEED_PERCENTILES = (5, 25, 50, 95)
 
 
 def hist_percentile(hist: np.ndarray, q: float) -> float:
@@ -120,12 +130,17 @@ def requests_frame(wl, q) -> pd.DataFrame:
             "e2e": finish - arrival,
             "queue_time": rqf[:, RQ_FIRST_SCHED] - arrival,
             "max_tbt": np.where(out > 1, rqf[:, RQ_MAX_GAP], np.nan),
+            "output_speed": np.where(out > 1, (out - 1) / (finish - first), np.nan),
+            "chunks": rqi[:, RQ_CHUNKS],
+            "spec_proposed": rqi[:, RQ_SPEC_PROPOSED],
+            "spec_accepted": rqi[:, RQ_SPEC_ACCEPTED],
         }
     )
 
 
 def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarray,
-              num_gpus: int) -> dict[str, float | int | str | dict]:
+              num_gpus: int, chunk_gap_hist: np.ndarray | None = None,
+              ) -> dict[str, float | int | str | dict]:
     """The summary of one run: counts, latency percentiles, throughput, cache and KV figures."""
     fin = requests[requests["status"] == "finished"]
     rej = requests[requests["status"] == "rejected"]
@@ -148,6 +163,18 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
     for p in PERCENTILES:
         summary[f"tbt_p{p}"] = hist_percentile(gap_hist, p)
     summary["tbt_mean"] = hist_mean(gap_hist)
+    if chunk_gap_hist is not None and chunk_gap_hist.size:
+        for p in PERCENTILES:
+            summary[f"tbc_p{p}"] = hist_percentile(chunk_gap_hist, p)
+    speed = fin["output_speed"].to_numpy()
+    speed = speed[np.isfinite(speed)]
+    for p in SPEED_PERCENTILES:
+        summary[f"speed_p{p}"] = float(np.percentile(speed, p)) if speed.size else float("nan")
+    proposed = int(replicas["spec_proposed"].sum()) if "spec_proposed" in replicas else 0
+    if proposed:
+        accepted = int(replicas["spec_accepted"].sum())
+        summary["spec_acceptance_rate"] = accepted / proposed
+        summary["spec_mean_accepted_length"] = 1.0 + accepted / int(replicas["spec_verifies"].sum())
     summary |= _pcts(fin["tpot"].to_numpy(), "tpot")
     summary |= _pcts(fin["e2e"].to_numpy(), "e2e")
     summary |= _pcts(fin["queue_time"].to_numpy(), "queue_time")

@@ -20,6 +20,7 @@ from simulator.config import (
     GIB,
     Experiment,
     ExperimentError,
+    SpeculativeConfig,
     batch_defaults,
     engine_for,
 )
@@ -39,11 +40,15 @@ from simulator.core.state import (
     ROUTER_CODES,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
+    RP_DRAFT_SECONDS,
     RP_NUM_STEPS,
     RP_PEAK_RUNNING,
     RP_PEAK_USED,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    RP_SPEC_ACCEPTED,
+    RP_SPEC_PROPOSED,
+    RP_SPEC_VERIFIES,
     SL_END,
     SL_NUM_DECODES,
     SL_NUM_SEQS,
@@ -62,6 +67,15 @@ from simulator.memory import kv_cache_capacity
 from simulator.metrics import requests_frame, summarize
 from simulator.models import load_model
 from simulator.progress import ProgressBar
+from simulator.specdec import (
+    METHOD_CODES,
+    SPEC_NGRAM,
+    capacity_with_draft,
+    draft_cost_params,
+    draft_spec,
+    draw_alphas,
+    k_table,
+)
 from simulator.workload.compile import compile_workload
 from simulator.workload.compiled import CompiledWorkload
 
@@ -84,6 +98,8 @@ class ReplicaPlan:
     cost_params: np.ndarray = field(repr=False)
     capacity_text: str = ""
     calibrated: bool = False
+    speculative: SpeculativeConfig | None = None
+    draft_params: np.ndarray | None = field(default=None, repr=False)
 
 
 def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
@@ -106,30 +122,44 @@ def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
                 hw = load_hardware(hw_ref)
             except (ValueError, OSError) as exc:
                 raise ExperimentError(f"{where}: hardware: {exc}") from None
+            default_tokens, default_seqs = batch_defaults(hw.hbm_bytes)
+            max_tokens = eng.max_num_batched_tokens or default_tokens
+            max_seqs = eng.max_num_seqs or default_seqs
+            spec = eng.speculative
             try:
                 cap = kv_cache_capacity(
                     model, hw, eng.tp, eng.weight_dtype, eng.kv_dtype,
                     eng.gpu_memory_utilization, eng.block_size,
                     None if eng.activation_reserve_gib is None
                     else int(eng.activation_reserve_gib * GIB),
+                    max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                 )
                 params = build_cost_params(model, hw, eng.tp, eng.weight_dtype, eng.kv_dtype)
+                draft_params = np.zeros_like(params)
+                if spec is not None:
+                    draft = draft_spec(spec, model)
+                    cap = capacity_with_draft(
+                        cap, draft, spec, eng.tp, eng.weight_dtype, eng.kv_dtype, where
+                    )
+                    draft_params = draft_cost_params(
+                        draft, hw, eng.tp, eng.weight_dtype, eng.kv_dtype, params.shape[0]
+                    )
             except ValueError as exc:
                 raise ExperimentError(f"{where}: {exc}") from None
             num_blocks = eng.num_gpu_blocks_override or cap.num_blocks
-            default_tokens, default_seqs = batch_defaults(hw.hbm_bytes)
             state_blocks = 0
             if cap.state_bytes_per_sequence > 0:
                 state_blocks = -(-cap.state_bytes_per_sequence // cap.bytes_per_block)
             cache[key] = ReplicaPlan(
                 index=-1, model=model.name, hardware=hw.name, tp=eng.tp, num_blocks=int(num_blocks),
                 block_size=eng.block_size,
-                max_num_batched_tokens=eng.max_num_batched_tokens or default_tokens,
-                max_num_seqs=eng.max_num_seqs or default_seqs,
+                max_num_batched_tokens=max_tokens,
+                max_num_seqs=max_seqs,
                 max_model_len=eng.max_model_len or DEFAULT_MAX_MODEL_LEN,
                 enable_prefix_caching=eng.enable_prefix_caching,
                 state_blocks_per_seq=int(state_blocks), cost_params=params,
                 capacity_text=cap.describe(), calibrated=hw.calibrated,
+                speculative=spec, draft_params=draft_params,
             )
         block_sizes.add(eng.block_size)
         base = cache[key]
@@ -155,6 +185,7 @@ class Result:
     num_events: int
     expected_output_tokens: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     seed: int = 0
+    chunk_gap_hist: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     steps: pd.DataFrame | None = None  # one row per engine step, when outputs.step_log is on
     steps_dropped: int = 0  # steps not recorded because the log was full
     window_seconds: float = 10.0
@@ -168,7 +199,8 @@ class Result:
         return sum(p.tp for p in self.replicas_plan)
 
     def summary(self) -> dict:
-        s = summarize(self.requests, self.replicas, self.gap_hist, self.num_gpus)
+        s = summarize(self.requests, self.replicas, self.gap_hist, self.num_gpus,
+                      self.chunk_gap_hist)
         s["wall_seconds"] = self.wall_seconds
         s["num_events"] = self.num_events
         s["seed"] = self.seed
@@ -209,18 +241,43 @@ def simulate(
         np.array([p.num_blocks for p in plans], dtype=np.int64),
         np.array([int(p.enable_prefix_caching) for p in plans], dtype=np.int64),
     )
+    run_seed = exp.seed if seed is None else seed
+    profiles: dict[str, int] = {}
+    for pl in plans:
+        if pl.speculative is not None:
+            profiles.setdefault(pl.speculative.model_dump_json(), len(profiles))
+    spec_alpha = np.zeros((max(len(profiles), 1), wl.num_requests), dtype=np.float64)
+    for pl in plans:
+        if pl.speculative is not None:
+            row = profiles[pl.speculative.model_dump_json()]
+            spec_alpha[row] = draw_alphas(pl.speculative, wl.num_requests, run_seed, row)
     p = make_replicas(
-        np.stack([p.cost_params for p in plans]),
-        np.array([p.max_num_batched_tokens for p in plans], dtype=np.int64),
-        np.array([p.max_num_seqs for p in plans], dtype=np.int64),
-        np.array([p.max_model_len for p in plans], dtype=np.int64),
-        np.array([p.state_blocks_per_seq for p in plans], dtype=np.int64),
+        np.stack([pl.cost_params for pl in plans]),
+        np.array([pl.max_num_batched_tokens for pl in plans], dtype=np.int64),
+        np.array([pl.max_num_seqs for pl in plans], dtype=np.int64),
+        np.array([pl.max_model_len for pl in plans], dtype=np.int64),
+        np.array([pl.state_blocks_per_seq for pl in plans], dtype=np.int64),
+        spec_on=np.array([int(pl.speculative is not None) for pl in plans], dtype=np.int64),
+        spec_profile=np.array(
+            [profiles.get(pl.speculative.model_dump_json(), 0) if pl.speculative else 0
+             for pl in plans], dtype=np.int64),
+        spec_decay=np.array(
+            [pl.speculative.position_decay if pl.speculative else 1.0 for pl in plans]),
+        spec_draft=np.array(
+            [int(pl.speculative is not None and METHOD_CODES[pl.speculative.method] != SPEC_NGRAM)
+             for pl in plans], dtype=np.int64),
+        spec_alpha=spec_alpha,
+        spec_k_table=np.stack(
+            [k_table(pl.speculative) if pl.speculative else np.zeros((8, 2), dtype=np.int64)
+             for pl in plans]),
+        draft_params=np.stack([pl.draft_params for pl in plans]),
     )
     q = make_requests(wl.num_requests)
     out = exp.outputs
     g = make_globals(
         ROUTER_CODES[exp.cluster.router], max(pl.max_num_seqs for pl in plans),
         out.window_seconds, out.max_windows, out.max_step_records if out.step_log else 0,
+        run_seed,
     )
     heap = make_heap(wl.num_requests + 4 * n_rep + 16)
     if not init_events(q, wl, heap):
@@ -262,6 +319,10 @@ def simulate(
             "peak_running": p.rpi[:, RP_PEAK_RUNNING],
             "evicted_blocks": kv.kvs[:, KS_EVICTED],
             "free_blocks_at_end": kv.kvs[:, KS_FREE],
+            "draft_seconds": p.rpf[:, RP_DRAFT_SECONDS],
+            "spec_proposed": p.rpi[:, RP_SPEC_PROPOSED],
+            "spec_accepted": p.rpi[:, RP_SPEC_ACCEPTED],
+            "spec_verifies": p.rpi[:, RP_SPEC_VERIFIES],
         }
     )
     steps = None
@@ -283,6 +344,7 @@ def simulate(
     return Result(
         exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.gi[G_NUM_EVENTS]),
         wl.req_output_tokens.copy(), exp.seed if seed is None else seed,
+        chunk_gap_hist=g.chunk_gap_hist.copy(),
         steps=steps, steps_dropped=int(g.gi[G_STEP_DROPPED]),
         window_seconds=out.window_seconds, gap_hist_windows=g.gap_hist_win.copy(),
         decode_seconds_by_count=p.decode_seconds_by_count.copy(),

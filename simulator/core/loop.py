@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import njit
 
 from simulator.core.heap import heap_pop, heap_push
@@ -61,6 +62,7 @@ from simulator.core.state import (
     G_NUM_EVENTS,
     G_ROUTER,
     G_RR_NEXT,
+    G_SEED,
     G_STEP_DROPPED,
     G_STEP_N,
     GF_WINDOW_SECONDS,
@@ -75,6 +77,7 @@ from simulator.core.state import (
     RP_BUSY,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
+    RP_DRAFT_SECONDS,
     RP_MAX_BATCHED,
     RP_MAX_LEN,
     RP_MAX_SEQS,
@@ -87,12 +90,21 @@ from simulator.core.state import (
     RP_PEAK_USED,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    RP_SPEC_ACCEPTED,
+    RP_SPEC_DECAY,
+    RP_SPEC_DRAFT,
+    RP_SPEC_K_STEP,
+    RP_SPEC_ON,
+    RP_SPEC_PROFILE,
+    RP_SPEC_PROPOSED,
+    RP_SPEC_VERIFIES,
     RP_STATE_BLOCKS,
     RP_STEP_START,
     RP_WQ_HEAD,
     RP_WQ_TAIL,
     RQ_ARRIVAL,
     RQ_CACHED,
+    RQ_CHUNKS,
     RQ_COMMITTED,
     RQ_COMPUTED,
     RQ_FEXT,
@@ -112,6 +124,8 @@ from simulator.core.state import (
     RQ_REJECT,
     RQ_REPLICA,
     RQ_SCHED_TOKENS,
+    RQ_SPEC_ACCEPTED,
+    RQ_SPEC_PROPOSED,
     RQ_STATUS,
     RQ_TABLE_LEN,
     RQ_WQ_NEXT,
@@ -247,6 +261,32 @@ def _coarse_bin(b):
     return (b - 1) // 5 + 1
 
 
+@njit(cache=True, inline="always")
+def _uniform(seed, r, pos, i):
+    """A uniform draw in [0, 1) fixed by (seed, request, output position, draft position).
+
+    Counter-based (a splitmix64 finaliser over the mixed counters): no generator state, so the
+    draw does not depend on the order in which events happen.
+    """
+    x = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= np.uint64(r) * np.uint64(0xBF58476D1CE4E5B9)
+    x ^= np.uint64(pos) * np.uint64(0x94D049BB133111EB)
+    x ^= np.uint64(i + 1) * np.uint64(0xD6E8FEB86659FD93)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return float(x >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True, inline="always")
+def _k_for_batch(k_table, rep, n_running):
+    """Draft length for a replica running ``n_running`` requests (dynamic-k table)."""
+    for i in range(k_table.shape[1]):
+        if n_running <= k_table[rep, i, 0]:
+            return k_table[rep, i, 1]
+    return k_table[rep, k_table.shape[1] - 1, 1]
+
+
 # ----------------------------------------------------------------------------------------------
 # waiting queue: a doubly-linked list through the request table, one per replica
 
@@ -308,6 +348,11 @@ def _schedule(kv, q, p, wl, g, rep, now):
     budget = rpi[rep, RP_MAX_BATCHED]
     max_len = rpi[rep, RP_MAX_LEN]
     caching = kvs[rep, KS_CACHING] == 1
+    out_target = wl.req_output_tokens
+    k_spec = 0
+    if rpi[rep, RP_SPEC_ON] == 1:
+        k_spec = _k_for_batch(p.spec_k_table, rep, rpi[rep, RP_N_RUNNING])
+    rpi[rep, RP_SPEC_K_STEP] = k_spec
     n_sched = 0
     preempted = False
     # 1. running requests, in admission order
@@ -316,6 +361,13 @@ def _schedule(kv, q, p, wl, g, rep, now):
         r = running[rep, i]
         computed = rqi[r, RQ_COMPUTED]
         n = rqi[r, RQ_NUM_TOKENS] - computed
+        drafts = 0
+        if k_spec > 0 and n == 1 and rqi[r, RQ_OUT_DONE] > 0:
+            # a decode verifies up to k drafts, never more than the output still to come
+            drafts = out_target[r] - rqi[r, RQ_OUT_DONE] - 1
+            if drafts > k_spec:
+                drafts = k_spec
+            n = 1 + drafts
         if n > budget:
             n = budget
         if n > max_len - 1 - computed:
@@ -323,6 +375,8 @@ def _schedule(kv, q, p, wl, g, rep, now):
         if n <= 0:
             i += 1
             continue
+        if drafts > n - 1:
+            drafts = n - 1
         need = (computed + n + bs - 1) // bs - rqi[r, RQ_TABLE_LEN]
         self_preempted = False
         while need > kvs[rep, KS_FREE]:
@@ -348,6 +402,7 @@ def _schedule(kv, q, p, wl, g, rep, now):
             rqi[r, RQ_TABLE_LEN] += need
         p.scheduled[rep, n_sched] = r
         p.scheduled_new[rep, n_sched] = n
+        p.scheduled_drafts[rep, n_sched] = drafts
         g.new_tokens[n_sched] = n
         g.context_tokens[n_sched] = computed
         n_sched += 1
@@ -409,6 +464,7 @@ def _schedule(kv, q, p, wl, g, rep, now):
             rpi[rep, RP_N_RUNNING] = n_run + 1
             p.scheduled[rep, n_sched] = r
             p.scheduled_new[rep, n_sched] = n
+            p.scheduled_drafts[rep, n_sched] = 0
             g.new_tokens[n_sched] = n
             g.context_tokens[n_sched] = computed
             n_sched += 1
@@ -517,17 +573,32 @@ def _on_schedule(kv, q, p, wl, g, heap, rep, now):
     if rpi[rep, RP_N_RUNNING] > rpi[rep, RP_PEAK_RUNNING]:
         rpi[rep, RP_PEAK_RUNNING] = rpi[rep, RP_N_RUNNING]
     seconds = step_seconds(p.cost_params[rep], g.new_tokens, g.context_tokens, n)
-    p.rpf[rep, RP_STEP_START] = now
-    p.rpf[rep, RP_BUSY_SECONDS] += seconds
-    rpi[rep, RP_NUM_STEPS] += 1
     rqi = q.rqi
     decodes = 0
     prefill_tokens = 0
     for k in range(n):
-        if g.new_tokens[k] == 1 and rqi[p.scheduled[rep, k], RQ_OUT_DONE] > 0:
+        own = g.new_tokens[k] - p.scheduled_drafts[rep, k]
+        if own == 1 and rqi[p.scheduled[rep, k], RQ_OUT_DONE] > 0:
             decodes += 1
         else:
             prefill_tokens += g.new_tokens[k]
+    k_spec = rpi[rep, RP_SPEC_K_STEP]
+    if k_spec > 0 and rpi[rep, RP_SPEC_DRAFT] == 1:
+        # the drafter proposes k tokens for every sequence that emits a token in this step
+        m = 0
+        for k in range(n):
+            r = p.scheduled[rep, k]
+            if rqi[r, RQ_COMPUTED] >= rqi[r, RQ_NUM_TOKENS]:
+                g.new_tokens[m] = 1
+                g.context_tokens[m] = rqi[r, RQ_NUM_TOKENS]
+                m += 1
+        if m > 0:
+            draft = k_spec * step_seconds(p.draft_params[rep], g.new_tokens, g.context_tokens, m)
+            p.rpf[rep, RP_DRAFT_SECONDS] += draft
+            seconds += draft
+    p.rpf[rep, RP_STEP_START] = now
+    p.rpf[rep, RP_BUSY_SECONDS] += seconds
+    rpi[rep, RP_NUM_STEPS] += 1
     if decodes > 0:
         p.decode_seconds_by_count[rep, decodes] += seconds
     cap = g.step_log.shape[0]
@@ -570,32 +641,61 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
     if win >= g.gap_hist_win.shape[0]:
         win = g.gap_hist_win.shape[0] - 1
     win_hist = g.gap_hist_win[win]
-    common_coarse = _coarse_bin(common_bin)
+    chunk_hist = g.chunk_gap_hist
+    seed = g.gi[G_SEED]
+    decay = p.rpf[rep, RP_SPEC_DECAY]
+    alpha_row = p.spec_alpha[rpi[rep, RP_SPEC_PROFILE]]
     for k in range(n_sched):
         r = p.scheduled[rep, k]
         n_new = p.scheduled_new[rep, k]
-        if n_new == 1 and rqi[r, RQ_OUT_DONE] > 0:
+        drafts = p.scheduled_drafts[rep, k]
+        if n_new - drafts == 1 and rqi[r, RQ_OUT_DONE] > 0:
             rpi[rep, RP_DECODE_TOKENS] += 1
         else:
             rpi[rep, RP_PREFILL_TOKENS] += n_new
         if rqi[r, RQ_COMPUTED] < rqi[r, RQ_NUM_TOKENS]:
             continue  # a prefill chunk that does not finish the prompt: no token yet
-        done = rqi[r, RQ_OUT_DONE] + 1
+        m = 1  # tokens emitted together
+        if drafts > 0:
+            # accept the drafts up to the first rejection; roll back the rejected positions
+            accepted = 0
+            alpha = alpha_row[r]
+            pos = rqi[r, RQ_OUT_DONE]
+            while accepted < drafts:
+                if _uniform(seed, r, pos, accepted) < alpha * decay**accepted:
+                    accepted += 1
+                else:
+                    break
+            rqi[r, RQ_COMPUTED] -= drafts - accepted
+            rqi[r, RQ_SPEC_PROPOSED] += drafts
+            rqi[r, RQ_SPEC_ACCEPTED] += accepted
+            rpi[rep, RP_SPEC_PROPOSED] += drafts
+            rpi[rep, RP_SPEC_ACCEPTED] += accepted
+            rpi[rep, RP_SPEC_VERIFIES] += 1
+            m = accepted + 1
+        done = rqi[r, RQ_OUT_DONE] + m
         rqi[r, RQ_OUT_DONE] = done
-        rqi[r, RQ_NUM_TOKENS] += 1
-        if done == 1:
+        rqi[r, RQ_NUM_TOKENS] += m
+        rqi[r, RQ_CHUNKS] += 1
+        if done == m:
             rqf[r, RQ_FIRST_TOKEN] = now
         else:
             last = rqf[r, RQ_LAST_TOKEN]
             if last == step_start:
                 gap = common_gap
-                gap_hist[common_bin] += 1
-                win_hist[common_coarse] += 1
+                chunk_bin = common_bin
             else:
                 gap = now - last
-                b = _gap_bin(gap)
-                gap_hist[b] += 1
-                win_hist[_coarse_bin(b)] += 1
+                chunk_bin = _gap_bin(gap)
+            chunk_hist[chunk_bin] += 1
+            if m == 1:
+                gap_hist[chunk_bin] += 1
+                win_hist[_coarse_bin(chunk_bin)] += 1
+            else:
+                # per-token view: the chunk's gap shared by the tokens it carries
+                b = _gap_bin(gap / m)
+                gap_hist[b] += m
+                win_hist[_coarse_bin(b)] += m
             if gap > rqf[r, RQ_MAX_GAP]:
                 rqf[r, RQ_MAX_GAP] = gap
         rqf[r, RQ_LAST_TOKEN] = now

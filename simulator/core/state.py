@@ -80,7 +80,10 @@ RQ_FPOS = 14  # index into path_nodes of the node being filled (the frontier)
 RQ_FEXT = 15  # blocks of the frontier node referenced
 RQ_WQ_NEXT = 16  # waiting-queue links, -1 = none
 RQ_WQ_PREV = 17
-RQ_NUM_INT = 18
+RQ_SPEC_PROPOSED = 18  # draft tokens proposed for it
+RQ_SPEC_ACCEPTED = 19  # draft tokens accepted
+RQ_CHUNKS = 20  # token emissions (a speculative step emits several tokens in one chunk)
+RQ_NUM_INT = 21
 
 # --- request float columns: rqf[r, col], seconds ---
 RQ_READY = 0  # all parents finished (a root: its arrival time)
@@ -110,12 +113,21 @@ RP_PREEMPTIONS = 13
 RP_PEAK_USED = 14  # max of (pool - free queue) blocks
 RP_PEAK_RUNNING = 15
 RP_OUTSTANDING = 16  # dispatched, not finished
-RP_NUM_INT = 17
+RP_SPEC_ON = 17  # 1 = speculative decoding
+RP_SPEC_PROFILE = 18  # row of spec_alpha holding this replica's per-request acceptance
+RP_SPEC_PROPOSED = 19  # draft tokens proposed
+RP_SPEC_ACCEPTED = 20  # draft tokens accepted
+RP_SPEC_VERIFIES = 21  # (request, step) pairs that verified drafts
+RP_SPEC_K_STEP = 22  # k chosen for the step in flight
+RP_SPEC_DRAFT = 23  # 1 = draft passes cost GPU time (not n-gram lookup)
+RP_NUM_INT = 24
 
 # --- replica float columns: rpf[rep, col], seconds ---
 RP_STEP_START = 0
 RP_BUSY_SECONDS = 1
-RP_NUM_FLOAT = 2
+RP_SPEC_DECAY = 2  # acceptance of draft position i = alpha * decay**i
+RP_DRAFT_SECONDS = 3  # seconds of draft passes (included in busy seconds)
+RP_NUM_FLOAT = 4
 
 # --- global scalars ---
 G_ROUTER = 0
@@ -125,7 +137,8 @@ G_NUM_EVENTS = 3
 G_ERROR = 4
 G_STEP_N = 5  # steps recorded in the step log
 G_STEP_DROPPED = 6  # steps not recorded because the log was full
-G_NUM_INT = 7
+G_SEED = 7  # seed of the counter-based draws (speculative acceptance)
+G_NUM_INT = 8
 GF_WINDOW_SECONDS = 0  # width of the time windows of the windowed gap histograms
 GF_NUM = 1
 
@@ -158,13 +171,18 @@ class Replicas(NamedTuple):
     scheduled_new: np.ndarray  # int64[n_rep, max seqs], tokens each computes in it
     cost_params: np.ndarray  # float64[n_rep, P], cost-model parameters of each replica
     decode_seconds_by_count: np.ndarray  # float64[n_rep, max seqs + 1], step time by #decodes
+    scheduled_drafts: np.ndarray  # int64[n_rep, max seqs], draft tokens each verifies
+    spec_alpha: np.ndarray  # float64[n_profiles, R], per-request acceptance probability
+    spec_k_table: np.ndarray  # int64[n_rep, 8, 2], rows (max running, k)
+    draft_params: np.ndarray  # float64[n_rep, P], cost parameters of one draft pass
 
 
 class Globals(NamedTuple):
     gi: np.ndarray  # int64[G_NUM_INT]
     gf: np.ndarray  # float64[GF_NUM]
     now: np.ndarray  # float64[1], s
-    gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive tokens
+    gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive tokens (per token)
+    chunk_gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive token chunks
     gap_hist_win: np.ndarray  # int64[num windows, WIN_NUM_BINS]; the last row takes the rest
     step_log: np.ndarray  # float64[capacity, SL_NUM]; capacity 0 = not recorded
     new_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
@@ -188,7 +206,15 @@ def make_replicas(
     max_num_seqs: np.ndarray,
     max_model_len: np.ndarray,
     state_blocks_per_seq: np.ndarray,
+    spec_on: np.ndarray | None = None,
+    spec_profile: np.ndarray | None = None,
+    spec_decay: np.ndarray | None = None,
+    spec_draft: np.ndarray | None = None,
+    spec_alpha: np.ndarray | None = None,
+    spec_k_table: np.ndarray | None = None,
+    draft_params: np.ndarray | None = None,
 ) -> Replicas:
+    """Replica state; the ``spec_*`` arrays default to "no speculative decoding"."""
     n = int(cost_params.shape[0])
     width = int(max_num_seqs.max())
     rpi = np.zeros((n, RP_NUM_INT), dtype=np.int64)
@@ -198,14 +224,27 @@ def make_replicas(
     rpi[:, RP_STATE_BLOCKS] = state_blocks_per_seq
     rpi[:, RP_WQ_HEAD] = -1
     rpi[:, RP_WQ_TAIL] = -1
+    rpf = np.zeros((n, RP_NUM_FLOAT), dtype=np.float64)
+    rpf[:, RP_SPEC_DECAY] = 1.0
+    if spec_on is not None:
+        rpi[:, RP_SPEC_ON] = spec_on
+        rpi[:, RP_SPEC_PROFILE] = spec_profile
+        rpf[:, RP_SPEC_DECAY] = spec_decay
+        rpi[:, RP_SPEC_DRAFT] = spec_draft
     return Replicas(
         rpi=rpi,
-        rpf=np.zeros((n, RP_NUM_FLOAT), dtype=np.float64),
+        rpf=rpf,
         running=np.full((n, width), -1, dtype=np.int64),
         scheduled=np.full((n, width), -1, dtype=np.int64),
         scheduled_new=np.zeros((n, width), dtype=np.int64),
         cost_params=np.ascontiguousarray(cost_params, dtype=np.float64),
         decode_seconds_by_count=np.zeros((n, width + 1), dtype=np.float64),
+        scheduled_drafts=np.zeros((n, width), dtype=np.int64),
+        spec_alpha=np.zeros((1, 1), dtype=np.float64) if spec_alpha is None else spec_alpha,
+        spec_k_table=np.zeros((n, 8, 2), dtype=np.int64) if spec_k_table is None
+        else spec_k_table,
+        draft_params=np.zeros_like(cost_params, dtype=np.float64) if draft_params is None
+        else np.ascontiguousarray(draft_params, dtype=np.float64),
     )
 
 
@@ -215,9 +254,11 @@ def make_globals(
     window_seconds: float = 10.0,
     num_windows: int = 1000,
     step_log_capacity: int = 0,
+    seed: int = 0,
 ) -> Globals:
     gi = np.zeros(G_NUM_INT, dtype=np.int64)
     gi[G_ROUTER] = router
+    gi[G_SEED] = seed
     gf = np.zeros(GF_NUM, dtype=np.float64)
     gf[GF_WINDOW_SECONDS] = window_seconds
     return Globals(
@@ -225,6 +266,7 @@ def make_globals(
         gf=gf,
         now=np.zeros(1, dtype=np.float64),
         gap_hist=np.zeros(HIST_NUM_BINS, dtype=np.int64),
+        chunk_gap_hist=np.zeros(HIST_NUM_BINS, dtype=np.int64),
         gap_hist_win=np.zeros((max(num_windows, 1), WIN_NUM_BINS), dtype=np.int64),
         step_log=np.zeros((max(step_log_capacity, 0), SL_NUM), dtype=np.float64),
         new_tokens=np.zeros(max_num_seqs, dtype=np.int64),

@@ -1,0 +1,245 @@
+"""The cluster: request lifecycles, dependencies, the router, and the entry point.
+
+Processes and events (SimPy):
+
+* a **request process** per request waits on its *arrival timer* (``wait_after_ready`` after
+  it became ready) and then hands the request to the router;
+* a **replica process** per replica loops schedule -> step -> step end (replica.py);
+* when a request finishes (or is rejected), each child whose last parent that was
+  becomes ready at once: its arrival timer starts *now* and its request process is started.
+
+Simultaneous events. The core orders events at the same simulated time by the order in which
+they were scheduled (``(time, sequence number)``); SimPy does the same with ``(time, priority,
+event id)``. The model therefore creates each SimPy event at the very moment the core pushes
+the matching event: an arrival timer when the request becomes ready (not one hop later, in a
+process woken by its parent), the replica's wake-up when a request reaches an idle replica, its
+next schedule (``timeout(0)``) right after the step end has released the children. Process
+start-up events (SimPy's ``Initialize``) run before everything else due at the same time and do
+nothing but wait on an event that already exists, so they change no order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from simulator.core.state import REJECT_REASONS
+from simulator.reference.replica import Replica, StepRecord
+from simulator.reference.request import Request, Status, make_requests
+from simulator.simulate import plan_replicas
+from simulator.workload.compile import compile_workload
+from simulator.workload.compiled import CompiledWorkload, validate_compiled
+
+ROUTERS = ("round_robin", "least_outstanding", "session_affinity")
+REASON_MAX_MODEL_LEN = REJECT_REASONS[1]
+REASON_KV_CAPACITY = REJECT_REASONS[2]
+REASON_PARENT = REJECT_REASONS[3]
+
+
+class Router:
+    """Chooses the replica of each dispatched request."""
+
+    def __init__(self, policy: str, replicas: list[Replica]) -> None:
+        if policy not in ROUTERS:
+            raise ValueError(f"router: unknown policy {policy!r} (expected one of {ROUTERS})")
+        self.policy = policy
+        self.replicas = replicas
+        self.next_rr = 0
+
+    def route(self, req: Request) -> Replica:
+        n = len(self.replicas)
+        if n == 1:
+            return self.replicas[0]
+        if self.policy == "least_outstanding":
+            # fewest dispatched-but-unfinished requests; the lowest index wins a tie
+            return min(self.replicas, key=lambda rep: rep.outstanding)
+        if self.policy == "session_affinity":
+            return self.replicas[req.session_id % n]
+        rep = self.replicas[self.next_rr % n]
+        self.next_rr += 1
+        return rep
+
+
+class Cluster:
+    def __init__(self, env: simpy.Environment, plans, router: str, wl: CompiledWorkload) -> None:
+        self.env = env
+        self.step_log: list[StepRecord] = []  # every engine step, in the order they start
+        block_sizes = {int(p.block_size) for p in plans}
+        if len(block_sizes) != 1:
+            raise ValueError(f"replicas must share one block size (got {sorted(block_sizes)})")
+        self.requests = make_requests(wl, block_sizes.pop())
+        self.replicas = [Replica(env, i, plan, self) for i, plan in enumerate(plans)]
+        self.router = Router(router, self.replicas)
+        for req in self.requests:
+            if not req.parents:
+                req.ready = req.arrival_time
+                self.start(req, req.arrival_time + req.wait_after_ready)
+
+    def start(self, req: Request, delay: float) -> None:
+        """``req`` is ready: it reaches the cluster ``delay`` seconds from now."""
+        req.status = Status.DISPATCHING
+        req.arrived = self.env.now + delay
+        arrival = self.env.timeout(delay)  # created now: see the module docstring
+        self.env.process(self.request_process(req, arrival))
+
+    def request_process(self, req: Request, arrival: simpy.Event):
+        yield arrival
+        self.dispatch(req)
+
+    def dispatch(self, req: Request) -> None:
+        """Route ``req``; reject it if it can never run there, else queue it."""
+        if req.parent_failed:
+            self.reject(req, REASON_PARENT)
+            return
+        rep = self.router.route(req)
+        req.replica = rep.index
+        if req.total_tokens > rep.max_model_len:
+            self.reject(req, REASON_MAX_MODEL_LEN)
+            return
+        # the last output token's KV is never computed
+        if rep.blocks_for(req.total_tokens - 1) + rep.state_blocks > rep.pool.num_blocks:
+            self.reject(req, REASON_KV_CAPACITY)
+            return
+        rep.submit(req)
+
+    def reject(self, req: Request, reason: str) -> None:
+        req.status = Status.REJECTED
+        req.reject_reason = reason
+        self.request_done(req, failed=True)
+
+    def request_done(self, req: Request, failed: bool = False) -> None:
+        """``req`` finished (or was rejected): children whose last parent it was become ready."""
+        for c in req.children:
+            child = self.requests[c]
+            child.parent_failed = child.parent_failed or failed
+            child.num_pending_parents -= 1
+            if child.num_pending_parents == 0:
+                child.ready = self.env.now
+                self.start(child, child.wait_after_ready)
+
+    # ------------------------------------------------------------------ results
+
+    def requests_frame(self) -> pd.DataFrame:
+        """One row per request, with the columns of ``Result.requests``."""
+        reqs = self.requests
+        status = [
+            r.status.value if r.status in (Status.FINISHED, Status.REJECTED) else "unfinished"
+            for r in reqs
+        ]
+        out = np.array([r.output_tokens for r in reqs], dtype=np.int64)
+        prompt = np.array([r.prompt_tokens for r in reqs], dtype=np.int64)
+        cached = np.array([r.cached_tokens or 0 for r in reqs], dtype=np.int64)
+        arrival = np.array([r.arrived for r in reqs])
+        sched = np.array([r.first_scheduled for r in reqs])
+        first = np.array([r.first_token for r in reqs])
+        finish = np.array([r.finished for r in reqs])
+        multi = out > 1
+        return pd.DataFrame(
+            {
+                "request_id": np.array([r.request_id for r in reqs], dtype=np.int64),
+                "session_id": np.array([r.session_id for r in reqs], dtype=np.int64),
+                "replica": np.array([r.replica for r in reqs], dtype=np.int64),
+                "status": pd.Categorical(status, categories=["finished", "rejected", "unfinished"]),
+                "reject_reason": np.array([r.reject_reason for r in reqs], dtype=object),
+                "ready_time": np.array([r.ready for r in reqs]),
+                "arrival_time": arrival,
+                "scheduled_time": sched,
+                "first_token_time": first,
+                "finish_time": finish,
+                "prompt_tokens": prompt,
+                "cached_tokens": cached,
+                "computed_prompt_tokens": np.array(
+                    [
+                        r.prompt_tokens - r.cached_tokens if r.cached_tokens is not None else 0
+                        for r in reqs
+                    ],
+                    dtype=np.int64,
+                ),
+                "output_tokens": np.array([r.num_output for r in reqs], dtype=np.int64),
+                "scheduled_tokens": np.array([r.scheduled_tokens for r in reqs], dtype=np.int64),
+                "preemptions": np.array([r.preemptions for r in reqs], dtype=np.int64),
+                "ttft": first - arrival,
+                "tpot": np.where(multi, (finish - first) / np.maximum(out - 1, 1), math.nan),
+                "e2e": finish - arrival,
+                "queue_time": sched - arrival,
+                "max_tbt": np.where(multi, [r.max_gap for r in reqs], math.nan),
+            }
+        )
+
+    def replicas_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([rep.counters() for rep in self.replicas])
+
+    def steps_frame(self) -> pd.DataFrame:
+        rows = self.step_log
+        columns = [
+            "replica",
+            "start",
+            "end",
+            "num_seqs",
+            "num_decodes",
+            "prefill_tokens",
+            "used_blocks",
+            "num_waiting",
+        ]
+        return pd.DataFrame(rows, columns=columns)
+
+
+@dataclass
+class ReferenceResult:
+    requests: pd.DataFrame  # the columns of Result.requests
+    replicas: pd.DataFrame  # per-replica counters (steps, preemptions, evicted blocks...)
+    steps: pd.DataFrame  # one row per engine step, as the core's step log
+    cluster: Cluster  # the final state, for inspection
+
+
+def run_reference(
+    experiment_or_plans, workload: CompiledWorkload | None = None, router: str | None = None
+) -> ReferenceResult:
+    """Simulate with the reference model.
+
+    ``experiment_or_plans``: an :class:`~simulator.config.Experiment` (its replicas are
+    resolved with :func:`simulator.simulate.plan_replicas`; its router is used unless
+    ``router`` is given) or a list of :class:`~simulator.simulate.ReplicaPlan`. ``workload``
+    defaults to the experiment's workload compiled with its seed.
+    """
+    if isinstance(experiment_or_plans, list | tuple):
+        plans = list(experiment_or_plans)
+        router = router or "round_robin"
+        if workload is None:
+            raise ValueError("a workload is required when replica plans are given")
+    else:
+        exp = experiment_or_plans
+        plans = plan_replicas(exp)
+        router = router or exp.cluster.router
+        if workload is None:
+            workload = compile_workload(exp.workload, exp.seed)
+    if not plans:
+        raise ValueError("no replicas")
+    for plan in plans:
+        if getattr(plan, "speculative", None) is not None:
+            raise NotImplementedError("the reference model does not model speculative decoding")
+    validate_compiled(workload)
+    env = simpy.Environment()
+    cluster = Cluster(env, plans, router, workload)
+    env.run()
+    return ReferenceResult(
+        cluster.requests_frame(), cluster.replicas_frame(), cluster.steps_frame(), cluster
+    )
+
+
+def simulate_reference(
+    experiment_or_plans, workload: CompiledWorkload | None = None, router: str | None = None
+) -> pd.DataFrame:
+    """Per-request results of the reference model (the columns of ``Result.requests``).
+
+    The per-replica counters (evicted blocks, preemptions, steps...) are in
+    ``df.attrs["replicas"]``; see :func:`run_reference` for the arguments.
+    """
+    res = run_reference(experiment_or_plans, workload, router)
+    df = res.requests
+    df.attrs["replicas"] = res.replicas
+    return df

@@ -1,0 +1,115 @@
+"""A request of the reference model: its workload facts, its progress and its KV blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+from simulator.reference.kvcache import BlockKey
+from simulator.workload.compiled import CompiledWorkload
+
+
+class Status(Enum):
+    PENDING = "pending"  # a parent has not finished yet
+    DISPATCHING = "dispatching"  # ready; waiting out wait_after_ready
+    WAITING = "waiting"  # in a replica's waiting queue
+    RUNNING = "running"
+    FINISHED = "finished"
+    REJECTED = "rejected"
+
+
+@dataclass(eq=False)
+class Request:
+    """One request. Token counts are tokens; times are seconds from the start (NaN = never)."""
+
+    request_id: int
+    session_id: int
+    prompt_tokens: int
+    output_tokens: int
+    arrival_time: float  # the workload's ready time, for a request without parents
+    wait_after_ready: float
+    parents: list[int]
+    children: list[int]
+    # block index -> content key; built from the content tree (see ContentTree.block_keys)
+    keys: list[BlockKey]
+
+    status: Status = Status.PENDING
+    reject_reason: str = ""
+    replica: int = -1
+    num_pending_parents: int = 0
+    parent_failed: bool = False
+
+    num_tokens: int = 0  # prompt + outputs emitted so far (vLLM num_tokens)
+    num_computed: int = 0  # tokens whose KV has been computed (vLLM num_computed_tokens)
+    num_output: int = 0
+    cached_tokens: int | None = None  # prefix hit at first scheduling
+    scheduled_tokens: int = 0  # every token ever scheduled, recompute included
+    preemptions: int = 0
+
+    # KV blocks held while running
+    block_table: list[int] = field(default_factory=list)  # one block per sequence block
+    num_committed: int = 0  # leading entries of block_table that are in the prefix index
+    extra_blocks: list[int] = field(default_factory=list)  # held, never cached: see replica.py
+
+    ready: float = math.nan
+    arrived: float = math.nan
+    first_scheduled: float = math.nan
+    first_token: float = math.nan
+    finished: float = math.nan
+    last_token: float = math.nan
+    max_gap: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+class ContentTree:
+    """Block identity from the workload's content tree (see simulator/workload/compiled.py)."""
+
+    def __init__(self, wl: CompiledWorkload, block_size: int) -> None:
+        self.wl = wl
+        self.block_size = block_size
+
+    def path(self, r: int) -> list[int]:
+        wl = self.wl
+        return [int(c) for c in wl.path_nodes[wl.req_path_start[r] : wl.req_path_start[r + 1]]]
+
+    def node_holding(self, path: list[int], token: int) -> int:
+        """The node of ``path`` that holds absolute token position ``token``."""
+        wl = self.wl
+        for c in path:
+            start = int(wl.node_start_tokens[c])
+            if start <= token < start + int(wl.node_num_tokens[c]):
+                return c
+        raise ValueError(f"token {token} is past the end of content path {path}")
+
+    def block_keys(self, r: int) -> list[BlockKey]:
+        """Keys of every full block request ``r`` can ever hold (prompt + output tokens)."""
+        path = self.path(r)
+        bs = self.block_size
+        total = int(self.wl.req_prompt_tokens[r] + self.wl.req_output_tokens[r])
+        return [(self.node_holding(path, bs * i + bs - 1), i) for i in range(total // bs)]
+
+
+def make_requests(wl: CompiledWorkload, block_size: int) -> list[Request]:
+    tree = ContentTree(wl, block_size)
+    out = []
+    for r in range(wl.num_requests):
+        p0, p1 = wl.req_parents_start[r], wl.req_parents_start[r + 1]
+        c0, c1 = wl.req_children_start[r], wl.req_children_start[r + 1]
+        req = Request(
+            request_id=r,
+            session_id=int(wl.req_session[r]),
+            prompt_tokens=int(wl.req_prompt_tokens[r]),
+            output_tokens=int(wl.req_output_tokens[r]),
+            arrival_time=float(wl.req_arrival_time[r]),
+            wait_after_ready=float(wl.req_wait_after_ready[r]),
+            parents=[int(x) for x in wl.parent_ids[p0:p1]],
+            children=[int(x) for x in wl.child_ids[c0:c1]],
+            keys=tree.block_keys(r),
+        )
+        req.num_pending_parents = len(req.parents)
+        out.append(req)
+    return out
