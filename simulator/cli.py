@@ -180,3 +180,9 @@ def bench(num_requests: int, as_json: bool) -> None:
 
 
 main.add_command(step_command, name="step")
+import simulator.cli_experiments as cx  # noqa: E402
+
+main.add_command(cx.capacity_command)
+main.add_command(cx.sweep_command)
+main.add_command(cx.plot_command)
+main.add_command(cx.trace_command)

@@ -95,6 +95,15 @@ def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
     return out
 
 
+def _speed(out: np.ndarray, first: np.ndarray, finish: np.ndarray) -> np.ndarray:
+    """Tokens/s after the first token; NaN for single-token or unfinished requests."""
+    span = finish - first
+    ok = (out > 1) & (span > 0)
+    speed = np.full(out.shape[0], np.nan)
+    speed[ok] = (out[ok] - 1) / span[ok]
+    return speed
+
+
 def requests_frame(wl, q) -> pd.DataFrame:
     """One row per request (times in seconds from the start of the simulation)."""
     rqi, rqf = q.rqi, q.rqf
@@ -130,7 +139,7 @@ def requests_frame(wl, q) -> pd.DataFrame:
             "e2e": finish - arrival,
             "queue_time": rqf[:, RQ_FIRST_SCHED] - arrival,
             "max_tbt": np.where(out > 1, rqf[:, RQ_MAX_GAP], np.nan),
-            "output_speed": np.where(out > 1, (out - 1) / (finish - first), np.nan),
+            "output_speed": _speed(out, first, finish),
             "chunks": rqi[:, RQ_CHUNKS],
             "spec_proposed": rqi[:, RQ_SPEC_PROPOSED],
             "spec_accepted": rqi[:, RQ_SPEC_ACCEPTED],

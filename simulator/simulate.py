@@ -32,6 +32,7 @@ from simulator.core.state import (
     CORE_ERR_HEAP_FULL,
     CORE_ERR_STUCK,
     CORE_PAUSED,
+    G_CHUNK_HIST,
     G_ERROR,
     G_NUM_DONE,
     G_NUM_EVENTS,
@@ -47,8 +48,12 @@ from simulator.core.state import (
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
     RP_SPEC_ACCEPTED,
+    RP_SPEC_ON,
     RP_SPEC_PROPOSED,
     RP_SPEC_VERIFIES,
+    RQ_CHUNKS,
+    RQ_OUT_DONE,
+    RQ_REPLICA,
     SL_END,
     SL_NUM_DECODES,
     SL_NUM_SEQS,
@@ -279,6 +284,7 @@ def simulate(
         out.window_seconds, out.max_windows, out.max_step_records if out.step_log else 0,
         run_seed,
     )
+    g.gi[G_CHUNK_HIST] = int(any(pl.speculative is not None for pl in plans))
     heap = make_heap(wl.num_requests + 4 * n_rep + 16)
     if not init_events(q, wl, heap):
         raise RuntimeError("event heap overflow while queueing arrivals")
@@ -301,6 +307,10 @@ def simulate(
         raise RuntimeError(f"internal error: core returned status {status}")
     bar.close()
     wall = time.perf_counter() - t0
+    # without speculative decoding every chunk is one token: the core skips that bookkeeping
+    on_plain = np.isin(q.rqi[:, RQ_REPLICA], np.flatnonzero(p.rpi[:, RP_SPEC_ON] == 0))
+    q.rqi[on_plain, RQ_CHUNKS] = q.rqi[on_plain, RQ_OUT_DONE]
+    chunk_gap_hist = g.chunk_gap_hist if g.gi[G_CHUNK_HIST] else g.gap_hist.copy()
     requests = requests_frame(wl, q)
     replicas = pd.DataFrame(
         {
@@ -344,7 +354,7 @@ def simulate(
     return Result(
         exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.gi[G_NUM_EVENTS]),
         wl.req_output_tokens.copy(), exp.seed if seed is None else seed,
-        chunk_gap_hist=g.chunk_gap_hist.copy(),
+        chunk_gap_hist=chunk_gap_hist,
         steps=steps, steps_dropped=int(g.gi[G_STEP_DROPPED]),
         window_seconds=out.window_seconds, gap_hist_windows=g.gap_hist_win.copy(),
         decode_seconds_by_count=p.decode_seconds_by_count.copy(),

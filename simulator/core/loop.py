@@ -57,6 +57,7 @@ from simulator.core.state import (
     EV_ARRIVAL,
     EV_SCHEDULE,
     EV_STEP_END,
+    G_CHUNK_HIST,
     G_ERROR,
     G_NUM_DONE,
     G_NUM_EVENTS,
@@ -642,6 +643,9 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
         win = g.gap_hist_win.shape[0] - 1
     win_hist = g.gap_hist_win[win]
     chunk_hist = g.chunk_gap_hist
+    common_coarse = _coarse_bin(common_bin)
+    spec_on = rpi[rep, RP_SPEC_ON] == 1
+    record_chunks = g.gi[G_CHUNK_HIST] == 1
     seed = g.gi[G_SEED]
     decay = p.rpf[rep, RP_SPEC_DECAY]
     alpha_row = p.spec_alpha[rpi[rep, RP_SPEC_PROFILE]]
@@ -656,6 +660,8 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
         if rqi[r, RQ_COMPUTED] < rqi[r, RQ_NUM_TOKENS]:
             continue  # a prefill chunk that does not finish the prompt: no token yet
         m = 1  # tokens emitted together
+        if spec_on:
+            rqi[r, RQ_CHUNKS] += 1
         if drafts > 0:
             # accept the drafts up to the first rejection; roll back the rejected positions
             accepted = 0
@@ -676,7 +682,6 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
         done = rqi[r, RQ_OUT_DONE] + m
         rqi[r, RQ_OUT_DONE] = done
         rqi[r, RQ_NUM_TOKENS] += m
-        rqi[r, RQ_CHUNKS] += 1
         if done == m:
             rqf[r, RQ_FIRST_TOKEN] = now
         else:
@@ -684,13 +689,16 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
             if last == step_start:
                 gap = common_gap
                 chunk_bin = common_bin
+                coarse = common_coarse
             else:
                 gap = now - last
                 chunk_bin = _gap_bin(gap)
-            chunk_hist[chunk_bin] += 1
+                coarse = _coarse_bin(chunk_bin)
+            if record_chunks:  # without speculation chunks are tokens: copied after the run
+                chunk_hist[chunk_bin] += 1
             if m == 1:
                 gap_hist[chunk_bin] += 1
-                win_hist[_coarse_bin(chunk_bin)] += 1
+                win_hist[coarse] += 1
             else:
                 # per-token view: the chunk's gap shared by the tokens it carries
                 b = _gap_bin(gap / m)

@@ -138,7 +138,8 @@ G_ERROR = 4
 G_STEP_N = 5  # steps recorded in the step log
 G_STEP_DROPPED = 6  # steps not recorded because the log was full
 G_SEED = 7  # seed of the counter-based draws (speculative acceptance)
-G_NUM_INT = 8
+G_CHUNK_HIST = 8  # 1 = record the per-chunk gap histogram (some replica speculates)
+G_NUM_INT = 9
 GF_WINDOW_SECONDS = 0  # width of the time windows of the windowed gap histograms
 GF_NUM = 1
 

@@ -42,15 +42,29 @@ class WorkloadBuilder:
         """Absolute token position one past the end of ``node``."""
         return self.node_start[node] + self.node_len[node]
 
-    def request(self, path: Sequence[int], prompt: int, output: int, arrival: float = 0.0,
-                wait: float = 0.0, parents: Sequence[int] = (), session: int | None = None) -> int:
+    def request(
+        self,
+        path: Sequence[int],
+        prompt: int,
+        output: int,
+        arrival: float = 0.0,
+        wait: float = 0.0,
+        parents: Sequence[int] = (),
+        session: int | None = None,
+    ) -> int:
         """Add a request; returns its id. ``session`` defaults to the request's own id."""
         r = len(self.requests)
-        self.requests.append({
-            "path": list(path), "prompt": prompt, "output": output, "arrival": arrival,
-            "wait": wait, "parents": sorted(set(parents)), "session": r if session is None
-            else session,
-        })
+        self.requests.append(
+            {
+                "path": list(path),
+                "prompt": prompt,
+                "output": output,
+                "arrival": arrival,
+                "wait": wait,
+                "parents": sorted(set(parents)),
+                "session": r if session is None else session,
+            }
+        )
         return r
 
     def build(self) -> CompiledWorkload:

@@ -1,0 +1,266 @@
+"""Grid sweeps over experiment fields x loads, a Parquet table, and the Pareto frontier.
+
+A sweep file names a base experiment, a grid of dotted experiment fields (every combination is a
+*configuration*), optional loads and seeds; every (configuration, load, seed) is one simulation,
+judged on its stable window (:mod:`simulator.steady`)::
+
+    name: pareto-chat
+    experiment: ../quickstart.yaml     # path relative to this file, or an inline experiment
+    set: {engine.max_model_len: 8192}  # overrides applied to every point (optional)
+    grid:                              # dotted fields or aliases (simulator.search.FIELD_ALIASES)
+      engine.tp: [1, 2]
+      engine.weight_dtype: [bf16, fp8]
+      engine.max_num_seqs: [64, 256, 1024]
+    loads: {unit: rate, values: [2, 4, 8, 16], duration_s: 200}
+                                       # or {unit, low, high, num, spacing: log|linear}
+    seeds: [0]                         # default: the experiment's seed
+    slos: [ttft_p95 <= 0.75 s, tbt_p95 <= 75 ms]   # optional: adds 'healthy'
+    frontier: {x: tokens_per_s_per_user, y: output_tokens_per_s_per_gpu, healthy_only: true}
+    outputs: {dir: runs/pareto-chat}
+
+Output (``outputs.dir``): ``sweep.parquet`` (one row per point: the grid values, ``config`` (its
+label), ``load``, ``seed``, ``num_gpus``, ``error`` for an impossible configuration, ``healthy``
+and ``violations`` when SLOs are given, and every stable-window metric), ``frontier.csv`` (the
+Pareto-optimal points, configurations named) and ``sweep.json`` (what ran, the frontier).
+
+The frontier maximizes both axes: a point is on it when no other point has at least its ``x``
+and at least its ``y``, one of them strictly more. The default axes are output tokens/s per GPU
+(the fleet's efficiency) against the median per-request output speed in tokens/s (what one
+user sees).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator, model_validator
+
+from simulator.config import Experiment, ExperimentError
+from simulator.search import (
+    SLO,
+    LoadError,
+    LoadUnit,
+    PointTask,
+    StudyError,
+    _label,
+    _Model,
+    apply_overrides,
+    check_slos,
+    evaluate_point,
+    grid_points,
+    load_yaml_mapping,
+    resolve_experiment,
+    scale_load,
+    validate_study,
+)
+
+
+class LoadAxis(_Model):
+    unit: LoadUnit = "rate"
+    values: list[float] | None = None
+    low: float | None = Field(None, gt=0, allow_inf_nan=False)
+    high: float | None = Field(None, gt=0, allow_inf_nan=False)
+    num: int | None = Field(None, ge=1, le=10_000)
+    spacing: Literal["log", "linear"] = "log"
+    duration_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> LoadAxis:
+        if self.values is not None:
+            if self.low is not None or self.high is not None or self.num is not None:
+                raise ValueError("give either 'values' or 'low'/'high'/'num', not both")
+            if not self.values:
+                raise ValueError("loads.values is empty")
+            if any(not (math.isfinite(v) and v > 0) for v in self.values):
+                raise ValueError(f"every load must be a positive number (got {self.values})")
+        elif self.low is None or self.high is None or self.num is None:
+            raise ValueError("give 'values', or 'low', 'high' and 'num'")
+        elif self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        return self
+
+    def points(self) -> list[float]:
+        if self.values is not None:
+            return [float(v) for v in self.values]
+        if self.num == 1:
+            return [float(self.low)]
+        if self.spacing == "log":
+            return [float(v) for v in np.geomspace(self.low, self.high, self.num)]
+        return [float(v) for v in np.linspace(self.low, self.high, self.num)]
+
+
+class FrontierSpec(_Model):
+    x: str = "tokens_per_s_per_user"
+    y: str = "output_tokens_per_s_per_gpu"
+    healthy_only: bool = True
+
+
+class SweepStudy(_Model):
+    name: str = "sweep"
+    experiment: Any
+    set: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    loads: LoadAxis | None = None
+    seeds: list[int] | None = Field(None, min_length=1)
+    slos: list[SLO] = Field(default_factory=list)
+    steady_state: bool = True
+    frontier: FrontierSpec = Field(default_factory=FrontierSpec)
+    outputs: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("slos", mode="before")
+    @classmethod
+    def _parse_slos(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise ValueError(f"expected a list of SLOs (got {v!r})")
+        return [SLO.parse(item) for item in v]
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"empty sweep grid: axis {key!r} has no values")
+        return v
+
+
+def load_sweep(path: str | Path) -> tuple[SweepStudy, Experiment]:
+    path = Path(path)
+    data = load_yaml_mapping(path)
+    study = validate_study(SweepStudy, data, str(path))
+    if not study.grid and study.loads is None:
+        raise StudyError(f"{path}: grid: empty sweep grid (give grid axes or loads)")
+    exp = resolve_experiment(study.experiment, path.parent, str(path))
+    try:
+        exp = apply_overrides(exp, study.set, f"{path}: set")
+        if study.loads is not None:
+            scale_load(exp.workload, study.loads.points()[0], study.loads.unit,
+                       study.loads.duration_s)
+    except (ExperimentError, LoadError) as exc:
+        raise StudyError(f"{path}: {exc}") from None
+    return study, exp
+
+
+def sweep_tasks(study: SweepStudy, exp: Experiment, source: str = "<sweep>"
+                ) -> tuple[list[dict], list[PointTask | None]]:
+    """The points of a sweep (grid values, load, seed, label) and their tasks. A configuration
+    the experiment model rejects gets task ``None`` and its error in the point."""
+    seeds = study.seeds or [exp.seed]
+    loads = study.loads.points() if study.loads is not None else [None]
+    unit = study.loads.unit if study.loads is not None else "rate"
+    duration = study.loads.duration_s if study.loads is not None else None
+    meta, tasks = [], []
+    for cid, combo in enumerate(grid_points(study.grid)):
+        error = ""
+        try:
+            cexp = apply_overrides(exp, combo, source)
+        except (ExperimentError, StudyError) as exc:
+            cexp, error = None, str(exc).splitlines()[0]
+        for load in loads:
+            for seed in seeds:
+                meta.append({"config_id": cid, "config": _label(combo) or "base", **combo,
+                             "load": load, "load_unit": unit, "seed": seed, "error": error})
+                tasks.append(None if cexp is None else
+                             PointTask(cexp, load, unit, duration, seed, study.steady_state))
+    return meta, tasks
+
+
+def run_sweep(study: SweepStudy, exp: Experiment, runner=None, source: str = "<sweep>"
+              ) -> pd.DataFrame:
+    """Simulate every point; one row per point (see the module docstring)."""
+    from simulator.executor import TaskRunner
+
+    meta, tasks = sweep_tasks(study, exp, source)
+    own = runner is None
+    runner = runner or TaskRunner()
+    try:
+        live = [i for i, t in enumerate(tasks) if t is not None]
+        results = runner.map(evaluate_point, [tasks[i] for i in live], label=f"sweep {study.name}")
+    finally:
+        if own:
+            runner.close()
+    summaries: list[dict] = [{} for _ in tasks]
+    for i, s in zip(live, results, strict=True):
+        summaries[i] = s
+    rows = []
+    for m, s in zip(meta, summaries, strict=True):
+        row = dict(m)
+        if "error" in s:
+            row["error"] = s.pop("error")
+        row |= s
+        if study.slos and not row["error"]:
+            bad = check_slos(study.slos, s)
+            row["healthy"], row["violations"] = not bad, "; ".join(bad)
+        elif study.slos:
+            row["healthy"], row["violations"] = False, "configuration error"
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for key in study.grid:  # parquet wants one type per column
+        if key in df and df[key].map(type).nunique() > 1:
+            df[key] = df[key].map(str)
+    return df
+
+
+def pareto_frontier(df: pd.DataFrame, x: str = "tokens_per_s_per_user",
+                    y: str = "output_tokens_per_s_per_gpu", healthy_only: bool = True
+                    ) -> pd.DataFrame:
+    """The rows of ``df`` not dominated in (``x``, ``y``), both maximized; sorted by ``x``."""
+    if x not in df or y not in df:
+        missing = x if x not in df else y
+        raise StudyError(f"frontier: no column {missing!r} in the sweep table")
+    ok = np.isfinite(df[x].astype(float)) & np.isfinite(df[y].astype(float))
+    if "error" in df:
+        ok &= df["error"].fillna("") == ""
+    if healthy_only and "healthy" in df:
+        ok &= df["healthy"].fillna(False).astype(bool)
+    cand = df[ok].sort_values([x, y], ascending=[False, False], kind="stable")
+    keep, best_y = [], -math.inf
+    for idx, yv in zip(cand.index, cand[y].astype(float), strict=True):
+        if yv > best_y:
+            keep.append(idx)
+            best_y = yv
+    return df.loc[keep].sort_values(x, kind="stable")
+
+
+def write_sweep(df: pd.DataFrame, frontier: pd.DataFrame, study: SweepStudy, out_dir: Path,
+                wall_seconds: float) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out_dir / "sweep.parquet", index=False)
+    frontier.to_csv(out_dir / "frontier.csv", index=False)
+    x, y = study.frontier.x, study.frontier.y
+    meta = {
+        "name": study.name,
+        "points": int(len(df)),
+        "configs": int(df["config_id"].nunique()),
+        "errors": int((df["error"] != "").sum()),
+        "wall_seconds": wall_seconds,
+        "frontier": {"x": x, "y": y,
+                     "points": [{"config": r["config"], "load": r["load"], x: r[x], y: r[y]}
+                                for _, r in frontier.iterrows()]},
+    }
+    (out_dir / "sweep.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+def sweep_points_per_second(df: pd.DataFrame, wall_seconds: float) -> float:
+    return len(df) / wall_seconds if wall_seconds > 0 else float("nan")
+
+
+def timed_sweep(study: SweepStudy, exp: Experiment, runner=None, source: str = "<sweep>"
+                ) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    t0 = time.perf_counter()
+    df = run_sweep(study, exp, runner, source)
+    wall = time.perf_counter() - t0
+    frontier = pareto_frontier(df, study.frontier.x, study.frontier.y,
+                               study.frontier.healthy_only and bool(study.slos))
+    return df, frontier, wall
