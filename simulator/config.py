@@ -11,7 +11,7 @@ where to write results::
       max_num_batched_tokens: 8192
     cluster:
       replicas: [{count: 1}]       # each entry may override model, hardware, engine
-      router: round_robin
+      router: round_robin        # or {policy: kv_aware, temperature: 0, ...}
     workload: ../workloads/chat.yaml   # path (relative to this file) or an inline spec
     outputs: {dir: runs/quickstart}
 
@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from simulator.workload.compile import format_validation_error, parse_workload_spec
 from simulator.workload.compiled import WorkloadError
@@ -126,9 +133,47 @@ class ReplicaGroup(_Model):
     )
 
 
+RouterPolicy = Literal[
+    "round_robin", "random", "least_outstanding", "least_kv_usage", "power_of_two",
+    "session_affinity", "kv_aware", "weighted_scorer",
+]
+
+
+class ScorerWeights(_Model):
+    """llm-d's default weights with no config: prefix 3, queue 2, kv-utilization 2."""
+
+    prefix: float = Field(3.0, ge=0, allow_inf_nan=False)
+    queue: float = Field(2.0, ge=0, allow_inf_nan=False)
+    kv_usage: float = Field(2.0, ge=0, allow_inf_nan=False)
+
+
+class RouterConfig(_Model):
+    """How requests are spread over replicas (formulas in simulator/core/router.py)."""
+
+    policy: RouterPolicy = "round_robin"
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="kv_aware softmax T")
+    overlap_score_credit: float = Field(1.0, ge=0, allow_inf_nan=False, description="kv_aware")
+    prefill_load_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="kv_aware")
+    weights: ScorerWeights = Field(default_factory=ScorerWeights, description="weighted_scorer")
+    affinity_overload_factor: float = Field(
+        2.0, gt=0, allow_inf_nan=False,
+        description="session_affinity: leave home above factor x (mean outstanding + 1)",
+    )
+    staleness_s: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="the router sees replica load as of its last snapshot, taken every this many"
+        " seconds (0 = live)",
+    )
+
+
 class ClusterConfig(_Model):
     replicas: list[ReplicaGroup] = Field(default_factory=lambda: [ReplicaGroup()], min_length=1)
-    router: Literal["round_robin", "least_outstanding", "session_affinity"] = "round_robin"
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _policy_shorthand(cls, value: Any) -> Any:
+        return {"policy": value} if isinstance(value, str) else value
 
 
 class OutputConfig(_Model):

@@ -147,6 +147,12 @@ def requests_frame(wl, q) -> pd.DataFrame:
     )
 
 
+def _imbalance(replicas: pd.DataFrame) -> float:
+    """Busiest replica's busy time over the mean (1.0 = perfectly even)."""
+    busy = replicas["busy_seconds"].to_numpy()
+    return float(busy.max() / busy.mean()) if busy.size and busy.mean() > 0 else 1.0
+
+
 def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarray,
               num_gpus: int, chunk_gap_hist: np.ndarray | None = None,
               ) -> dict[str, float | int | str | dict]:
@@ -198,6 +204,7 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
         "num_preemptions": int(requests["preemptions"].sum()),
         "peak_kv_usage": float((replicas["peak_used_blocks"] / replicas["num_blocks"]).max()),
         "num_evicted_blocks": int(replicas["evicted_blocks"].sum()),
+        "load_imbalance": _imbalance(replicas),
         "num_gpus": int(num_gpus),
         "num_replicas": int(len(replicas)),
     }

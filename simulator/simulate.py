@@ -38,6 +38,14 @@ from simulator.core.state import (
     G_NUM_EVENTS,
     G_STEP_DROPPED,
     G_STEP_N,
+    GF_AFFINITY_FACTOR,
+    GF_OVERLAP_CREDIT,
+    GF_PREFILL_SCALE,
+    GF_STALENESS,
+    GF_TEMPERATURE,
+    GF_W_KV,
+    GF_W_PREFIX,
+    GF_W_QUEUE,
     ROUTER_CODES,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
@@ -47,6 +55,7 @@ from simulator.core.state import (
     RP_PEAK_USED,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    RP_ROUTED,
     RP_SPEC_ACCEPTED,
     RP_SPEC_ON,
     RP_SPEC_PROPOSED,
@@ -279,14 +288,26 @@ def simulate(
     )
     q = make_requests(wl.num_requests)
     out = exp.outputs
+    router = exp.cluster.router
     g = make_globals(
-        ROUTER_CODES[exp.cluster.router], max(pl.max_num_seqs for pl in plans),
+        ROUTER_CODES[router.policy], max(pl.max_num_seqs for pl in plans),
         out.window_seconds, out.max_windows, out.max_step_records if out.step_log else 0,
-        run_seed,
+        run_seed, int(wl.req_session.max()) + 1,
+        {
+            GF_TEMPERATURE: router.temperature,
+            GF_OVERLAP_CREDIT: router.overlap_score_credit,
+            GF_PREFILL_SCALE: router.prefill_load_scale,
+            GF_W_PREFIX: router.weights.prefix,
+            GF_W_QUEUE: router.weights.queue,
+            GF_W_KV: router.weights.kv_usage,
+            GF_AFFINITY_FACTOR: router.affinity_overload_factor,
+            GF_STALENESS: router.staleness_s,
+        },
+        n_rep,
     )
     g.gi[G_CHUNK_HIST] = int(any(pl.speculative is not None for pl in plans))
     heap = make_heap(wl.num_requests + 4 * n_rep + 16)
-    if not init_events(q, wl, heap):
+    if not init_events(q, wl, heap, router.staleness_s):
         raise RuntimeError("event heap overflow while queueing arrivals")
     bar = ProgressBar(wl.num_requests, f"simulating {exp.name}", enabled=progress)
     chunk = 200_000
@@ -333,6 +354,7 @@ def simulate(
             "spec_proposed": p.rpi[:, RP_SPEC_PROPOSED],
             "spec_accepted": p.rpi[:, RP_SPEC_ACCEPTED],
             "spec_verifies": p.rpi[:, RP_SPEC_VERIFIES],
+            "routed_requests": p.rpi[:, RP_ROUTED],
         }
     )
     steps = None
@@ -351,6 +373,13 @@ def simulate(
                 "num_waiting": log[:, SL_NUM_WAITING].astype(np.int64),
             }
         )
+    scheduled = requests[requests["scheduled_time"].notna()]
+    per_rep = scheduled.groupby("replica")[["prompt_tokens", "cached_tokens"]].sum()
+    replicas["prompt_tokens"] = per_rep["prompt_tokens"].reindex(range(n_rep), fill_value=0)
+    replicas["cached_tokens"] = per_rep["cached_tokens"].reindex(range(n_rep), fill_value=0)
+    replicas["prefix_cache_hit_rate"] = (
+        replicas["cached_tokens"] / replicas["prompt_tokens"].where(replicas["prompt_tokens"] > 0)
+    ).fillna(0.0)
     return Result(
         exp, plans, requests, replicas, g.gap_hist.copy(), wall, int(g.gi[G_NUM_EVENTS]),
         wl.req_output_tokens.copy(), exp.seed if seed is None else seed,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import njit
 
 from simulator.core.heap import heap_pop, heap_push
@@ -49,6 +48,7 @@ from simulator.core.kvcache import (
     queued_blocks_in_prefix,
     take_from_queue,
 )
+from simulator.core.router import route, take_snapshot
 from simulator.core.state import (
     CORE_DONE,
     CORE_ERR_HEAP_FULL,
@@ -56,16 +56,16 @@ from simulator.core.state import (
     CORE_PAUSED,
     EV_ARRIVAL,
     EV_SCHEDULE,
+    EV_SNAPSHOT,
     EV_STEP_END,
     G_CHUNK_HIST,
     G_ERROR,
     G_NUM_DONE,
     G_NUM_EVENTS,
-    G_ROUTER,
-    G_RR_NEXT,
     G_SEED,
     G_STEP_DROPPED,
     G_STEP_N,
+    GF_STALENESS,
     GF_WINDOW_SECONDS,
     HIST_BINS_PER_DECADE,
     HIST_MIN_SECONDS,
@@ -73,8 +73,6 @@ from simulator.core.state import (
     REJECT_KV_CAPACITY,
     REJECT_MAX_MODEL_LEN,
     REJECT_PARENT,
-    ROUTE_LEAST_OUTSTANDING,
-    ROUTE_SESSION_AFFINITY,
     RP_BUSY,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
@@ -89,8 +87,10 @@ from simulator.core.state import (
     RP_OUTSTANDING,
     RP_PEAK_RUNNING,
     RP_PEAK_USED,
+    RP_PENDING_PREFILL,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    RP_ROUTED,
     RP_SPEC_ACCEPTED,
     RP_SPEC_DECAY,
     RP_SPEC_DRAFT,
@@ -148,6 +148,7 @@ from simulator.core.state import (
     ST_WAITING,
     WIN_NUM_BINS,
 )
+from simulator.core.uniform import uniform
 from simulator.costmodel import step_seconds
 
 # ----------------------------------------------------------------------------------------------
@@ -260,23 +261,6 @@ def _coarse_bin(b):
     if b >= HIST_NUM_BINS - 1:
         return WIN_NUM_BINS - 1
     return (b - 1) // 5 + 1
-
-
-@njit(cache=True, inline="always")
-def _uniform(seed, r, pos, i):
-    """A uniform draw in [0, 1) fixed by (seed, request, output position, draft position).
-
-    Counter-based (a splitmix64 finaliser over the mixed counters): no generator state, so the
-    draw does not depend on the order in which events happen.
-    """
-    x = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    x ^= np.uint64(r) * np.uint64(0xBF58476D1CE4E5B9)
-    x ^= np.uint64(pos) * np.uint64(0x94D049BB133111EB)
-    x ^= np.uint64(i + 1) * np.uint64(0xD6E8FEB86659FD93)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
-    return float(x >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
 @njit(cache=True, inline="always")
@@ -507,25 +491,6 @@ def _release_children(q, wl, heap, r, now, failed):
 
 
 @njit(cache=True)
-def _route(rpi, gi, req_session, r):
-    n_rep = rpi.shape[0]
-    if n_rep == 1:
-        return 0
-    policy = gi[G_ROUTER]
-    if policy == ROUTE_LEAST_OUTSTANDING:
-        best = 0
-        for k in range(1, n_rep):
-            if rpi[k, RP_OUTSTANDING] < rpi[best, RP_OUTSTANDING]:
-                best = k
-        return best
-    if policy == ROUTE_SESSION_AFFINITY:
-        return req_session[r] % n_rep
-    rep = gi[G_RR_NEXT] % n_rep
-    gi[G_RR_NEXT] += 1
-    return rep
-
-
-@njit(cache=True)
 def _reject(q, wl, heap, g, r, reason, now):
     q.rqi[r, RQ_STATUS] = ST_REJECTED
     q.rqi[r, RQ_REJECT] = reason
@@ -539,8 +504,11 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
     rpi = p.rpi
     if rqi[r, RQ_PARENT_FAILED] == 1:
         return _reject(q, wl, heap, g, r, REJECT_PARENT, now)
-    rep = _route(rpi, g.gi, wl.req_session, r)
+    rep = route(kv, rpi, g.gi, g.gf, g.session_home, wl.path_nodes, wl.req_path_start[r],
+                wl.req_path_start[r + 1], wl.req_prompt_tokens[r], wl.req_session[r], r,
+                g.route_scratch)
     rqi[r, RQ_REPLICA] = rep
+    rpi[rep, RP_ROUTED] += 1
     total = wl.req_prompt_tokens[r] + wl.req_output_tokens[r]
     if total > rpi[rep, RP_MAX_LEN]:
         return _reject(q, wl, heap, g, r, REJECT_MAX_MODEL_LEN, now)
@@ -551,6 +519,7 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
     rqi[r, RQ_STATUS] = ST_WAITING
     rqi[r, RQ_NUM_TOKENS] = wl.req_prompt_tokens[r]
     rpi[rep, RP_OUTSTANDING] += 1
+    rpi[rep, RP_PENDING_PREFILL] += wl.req_prompt_tokens[r]
     _wq_push_back(rqi, rpi, rep, r)
     if rpi[rep, RP_BUSY] == 0:
         rpi[rep, RP_BUSY] = 1
@@ -668,7 +637,7 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
             alpha = alpha_row[r]
             pos = rqi[r, RQ_OUT_DONE]
             while accepted < drafts:
-                if _uniform(seed, r, pos, accepted) < alpha * decay**accepted:
+                if uniform(seed, r, pos, accepted) < alpha * decay**accepted:
                     accepted += 1
                 else:
                     break
@@ -684,6 +653,7 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
         rqi[r, RQ_NUM_TOKENS] += m
         if done == m:
             rqf[r, RQ_FIRST_TOKEN] = now
+            rpi[rep, RP_PENDING_PREFILL] -= wl.req_prompt_tokens[r]
         else:
             last = rqf[r, RQ_LAST_TOKEN]
             if last == step_start:
@@ -743,10 +713,15 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
 
 
 @njit(cache=True)
-def init_events(q, wl, heap):
-    """Queue the arrival of every request without parents; set pending-parent counts."""
+def init_events(q, wl, heap, staleness):
+    """Queue the arrival of every request without parents; set pending-parent counts.
+
+    With ``staleness > 0`` the router's load snapshots start at t = 0.
+    """
     rqi = q.rqi
     rqf = q.rqf
+    if staleness > 0.0 and not heap_push(heap, 0.0, EV_SNAPSHOT, 0):
+        return False
     for r in range(wl.req_prompt_tokens.shape[0]):
         n_par = wl.req_parents_start[r + 1] - wl.req_parents_start[r]
         rqi[r, RQ_PENDING] = n_par
@@ -778,6 +753,10 @@ def run_events(kv, q, p, wl, g, heap, max_events):
             status = _on_schedule(kv, q, p, wl, g, heap, payload, now)
             if status != CORE_DONE:
                 return status
+        elif kind == EV_SNAPSHOT:
+            take_snapshot(kv, p.rpi)
+            if heap.size[0] > 0 and not heap_push(heap, now + g.gf[GF_STALENESS], EV_SNAPSHOT, 0):
+                return CORE_ERR_HEAP_FULL
         else:
             status = _on_step_end(kv, q, p, wl, g, heap, payload, now)
             if status != CORE_DONE:

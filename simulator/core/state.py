@@ -17,6 +17,7 @@ import numpy as np
 EV_ARRIVAL = 0  # a request is dispatched to the cluster (payload: request id)
 EV_SCHEDULE = 1  # a replica forms its next batch (payload: replica id)
 EV_STEP_END = 2  # a replica's step finishes (payload: replica id)
+EV_SNAPSHOT = 3  # the router refreshes its (stale) view of replica load
 
 # Request status.
 ST_PENDING = 0  # parents not finished yet
@@ -43,10 +44,20 @@ REJECT_REASONS = {
 ROUTE_ROUND_ROBIN = 0
 ROUTE_LEAST_OUTSTANDING = 1
 ROUTE_SESSION_AFFINITY = 2
+ROUTE_RANDOM = 3
+ROUTE_LEAST_KV = 4
+ROUTE_POWER_OF_TWO = 5
+ROUTE_KV_AWARE = 6
+ROUTE_WEIGHTED = 7
 ROUTER_CODES = {
     "round_robin": ROUTE_ROUND_ROBIN,
     "least_outstanding": ROUTE_LEAST_OUTSTANDING,
     "session_affinity": ROUTE_SESSION_AFFINITY,
+    "random": ROUTE_RANDOM,
+    "least_kv_usage": ROUTE_LEAST_KV,
+    "power_of_two": ROUTE_POWER_OF_TWO,
+    "kv_aware": ROUTE_KV_AWARE,
+    "weighted_scorer": ROUTE_WEIGHTED,
 }
 
 # Core status codes returned by the loop.
@@ -120,7 +131,13 @@ RP_SPEC_ACCEPTED = 20  # draft tokens accepted
 RP_SPEC_VERIFIES = 21  # (request, step) pairs that verified drafts
 RP_SPEC_K_STEP = 22  # k chosen for the step in flight
 RP_SPEC_DRAFT = 23  # 1 = draft passes cost GPU time (not n-gram lookup)
-RP_NUM_INT = 24
+RP_PENDING_PREFILL = 24  # prompt tokens of dispatched requests that have no first token yet
+RP_SNAP_OUTSTANDING = 25  # the router's last snapshot of RP_OUTSTANDING (staleness > 0)
+RP_SNAP_WAITING = 26  # ... of RP_N_WAITING
+RP_SNAP_USED = 27  # ... of KV blocks in use
+RP_SNAP_PENDING = 28  # ... of RP_PENDING_PREFILL
+RP_ROUTED = 29  # requests routed here
+RP_NUM_INT = 30
 
 # --- replica float columns: rpf[rep, col], seconds ---
 RP_STEP_START = 0
@@ -141,7 +158,15 @@ G_SEED = 7  # seed of the counter-based draws (speculative acceptance)
 G_CHUNK_HIST = 8  # 1 = record the per-chunk gap histogram (some replica speculates)
 G_NUM_INT = 9
 GF_WINDOW_SECONDS = 0  # width of the time windows of the windowed gap histograms
-GF_NUM = 1
+GF_TEMPERATURE = 1  # kv_aware: softmax temperature over costs (0 = argmin)
+GF_OVERLAP_CREDIT = 2  # kv_aware: blocks of prefill credited per cached block
+GF_PREFILL_SCALE = 3  # kv_aware: weight of prefill blocks against decode blocks
+GF_W_PREFIX = 4  # weighted_scorer weights
+GF_W_QUEUE = 5
+GF_W_KV = 6
+GF_AFFINITY_FACTOR = 7  # session_affinity: leave home when its load > factor x (mean + 1)
+GF_STALENESS = 8  # seconds between the router's load snapshots (0 = live)
+GF_NUM = 9
 
 # --- step log columns: step_log[i, col] (times in seconds) ---
 SL_REPLICA = 0
@@ -186,6 +211,8 @@ class Globals(NamedTuple):
     chunk_gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive token chunks
     gap_hist_win: np.ndarray  # int64[num windows, WIN_NUM_BINS]; the last row takes the rest
     step_log: np.ndarray  # float64[capacity, SL_NUM]; capacity 0 = not recorded
+    session_home: np.ndarray  # int64[num sessions], replica of a session's last request, -1
+    route_scratch: np.ndarray  # float64[n_rep], per-replica scores while routing
     new_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
     context_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
 
@@ -256,12 +283,17 @@ def make_globals(
     num_windows: int = 1000,
     step_log_capacity: int = 0,
     seed: int = 0,
+    num_sessions: int = 1,
+    router_params: dict[int, float] | None = None,
+    num_replicas: int = 1,
 ) -> Globals:
     gi = np.zeros(G_NUM_INT, dtype=np.int64)
     gi[G_ROUTER] = router
     gi[G_SEED] = seed
     gf = np.zeros(GF_NUM, dtype=np.float64)
     gf[GF_WINDOW_SECONDS] = window_seconds
+    for col, value in (router_params or {}).items():
+        gf[col] = value
     return Globals(
         gi=gi,
         gf=gf,
@@ -270,6 +302,8 @@ def make_globals(
         chunk_gap_hist=np.zeros(HIST_NUM_BINS, dtype=np.int64),
         gap_hist_win=np.zeros((max(num_windows, 1), WIN_NUM_BINS), dtype=np.int64),
         step_log=np.zeros((max(step_log_capacity, 0), SL_NUM), dtype=np.float64),
+        session_home=np.full(max(num_sessions, 1), -1, dtype=np.int64),
+        route_scratch=np.zeros(max(num_replicas, 1), dtype=np.float64),
         new_tokens=np.zeros(max_num_seqs, dtype=np.int64),
         context_tokens=np.zeros(max_num_seqs, dtype=np.int64),
     )
