@@ -70,7 +70,9 @@ def main() -> None:
               help="directory for requests.parquet and summary.json (default: outputs.dir)")
 @click.option("--seed", type=int, default=None, help="override the experiment's seed")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
-@click.option("--check", is_flag=True, help="verify conservation invariants after the run")
+@click.option("--check", is_flag=True,
+              help="verify KV-block conservation every 10,000 events and token/time invariants "
+                   "after the run")
 @click.option("--progress/--no-progress", default=None, help="force the progress bar on/off")
 def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool, check: bool,
         progress: bool | None) -> None:
@@ -100,7 +102,7 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
                 click.echo(f"  note: the {p.hardware} profile is not calibrated against measured "
                            "step times; step times are roofline estimates")
     try:
-        result = simulate(exp, progress=progress)
+        result = simulate(exp, progress=progress, check_every=10_000 if check else 0)
     except ExperimentError as exc:
         _fail(str(exc))
         return

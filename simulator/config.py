@@ -126,6 +126,9 @@ class ReplicaGroup(_Model):
     """``count`` identical replicas; unset fields inherit the experiment's model/hardware/engine."""
 
     count: int = Field(1, ge=1, le=4096)
+    role: Literal["aggregated", "prefill", "decode"] = Field(
+        "aggregated", description="prefill/decode pools for disaggregated serving"
+    )
     model: str | None = None
     hardware: str | None = None
     engine: dict[str, Any] | None = Field(
@@ -166,9 +169,46 @@ class RouterConfig(_Model):
     )
 
 
+class KVLink(_Model):
+    """The link that brings a prefill replica's KV to a decode replica (one per decode replica,
+    transfers serialised on it). Default: one NDR InfiniBand NIC, 400 Gb/s = 50 GB/s per
+    direction (REFERENCE.md §6); NVLink4 inside a node is 450 GB/s per direction."""
+
+    bandwidth_gb_per_s: float = Field(50.0, gt=0, allow_inf_nan=False, description="GB/s (1e9)")
+    latency_s: float = Field(5e-5, ge=0, allow_inf_nan=False, description="per transfer (s)")
+
+
+class DisaggregationConfig(_Model):
+    link: KVLink = Field(default_factory=KVLink)
+    local_prefill_threshold_tokens: int = Field(
+        0,
+        ge=0,
+        description="conditional disaggregation: prefill on the decode replica when the prompt "
+        "part it does not cache is shorter than this (0 = always disaggregate)",
+    )
+
+
 class ClusterConfig(_Model):
     replicas: list[ReplicaGroup] = Field(default_factory=lambda: [ReplicaGroup()], min_length=1)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
+
+    @model_validator(mode="after")
+    def _pools(self) -> ClusterConfig:
+        roles = {g.role for g in self.replicas}
+        if roles - {"aggregated"}:
+            if "aggregated" in roles:
+                raise ValueError(
+                    "replicas: mixing aggregated replicas with prefill/decode pools is not "
+                    "supported; give every group role prefill or decode"
+                )
+            missing = {"prefill", "decode"} - roles
+            if missing:
+                raise ValueError(
+                    f"replicas: a disaggregated cluster needs both pools; no {missing.pop()} "
+                    "replicas are configured"
+                )
+        return self
 
     @field_validator("router", mode="before")
     @classmethod

@@ -30,7 +30,19 @@ from simulator.core.kvcache import (
     NB_NUM,
     KVState,
 )
-from simulator.core.state import RQ_PRIVATE, RQ_REPLICA
+from simulator.core.state import (
+    RQ_DECODE_REPLICA,
+    RQ_PREFILL_REPLICA,
+    RQ_PRIVATE,
+    RQ_PRIVATE_P,
+    RQ_REPLICA,
+    RQ_STATUS,
+    ST_TRANSFERRING,
+)
+
+
+class InvariantError(AssertionError):
+    """A conservation invariant failed during a run (a simulator bug, never a user error)."""
 
 
 def check_result(result) -> list[str]:
@@ -101,8 +113,13 @@ def check_kv(kv: KVState, q) -> list[str]:
                             f"{res[c]} are cached")
         if np.any(res > nb) or np.any(res < 0):
             problems.append(f"replica {rep}: cached block count out of range")
-        on_rep = q.rqi[:, RQ_REPLICA] == rep
-        private = int(q.rqi[on_rep, RQ_PRIVATE].sum())
+        # a request whose KV is moving holds private blocks on both sides: RQ_PRIVATE on its
+        # decode replica, RQ_PRIVATE_P on its prefill replica
+        rqi = q.rqi
+        owner = np.where(rqi[:, RQ_STATUS] == ST_TRANSFERRING, rqi[:, RQ_DECODE_REPLICA],
+                         rqi[:, RQ_REPLICA])
+        private = int(rqi[owner == rep, RQ_PRIVATE].sum())
+        private += int(rqi[rqi[:, RQ_PREFILL_REPLICA] == rep, RQ_PRIVATE_P].sum())
         free = int(kv.kvs[rep, KS_FREE])
         pool = int(kv.kvs[rep, KS_BLOCKS])
         total = free + int(maxext.sum()) + private

@@ -29,12 +29,14 @@ from simulator.core.state import (
     RQ_ARRIVAL,
     RQ_CACHED,
     RQ_CHUNKS,
+    RQ_DECODE_REPLICA,
     RQ_FINISH,
     RQ_FIRST_SCHED,
     RQ_FIRST_TOKEN,
     RQ_MAX_GAP,
     RQ_OUT_DONE,
     RQ_PREEMPTIONS,
+    RQ_PREFILL_REPLICA,
     RQ_READY,
     RQ_REJECT,
     RQ_REPLICA,
@@ -42,6 +44,10 @@ from simulator.core.state import (
     RQ_SPEC_ACCEPTED,
     RQ_SPEC_PROPOSED,
     RQ_STATUS,
+    RQ_XFER_BYTES,
+    RQ_XFER_END,
+    RQ_XFER_QUEUED,
+    RQ_XFER_START,
     ST_FINISHED,
     ST_REJECTED,
 )
@@ -143,6 +149,11 @@ def requests_frame(wl, q) -> pd.DataFrame:
             "chunks": rqi[:, RQ_CHUNKS],
             "spec_proposed": rqi[:, RQ_SPEC_PROPOSED],
             "spec_accepted": rqi[:, RQ_SPEC_ACCEPTED],
+            "prefill_replica": rqi[:, RQ_PREFILL_REPLICA],
+            "decode_replica": rqi[:, RQ_DECODE_REPLICA],
+            "kv_transfer_bytes": rqf[:, RQ_XFER_BYTES],
+            "kv_wait": rqf[:, RQ_XFER_START] - rqf[:, RQ_XFER_QUEUED],
+            "kv_transfer_time": rqf[:, RQ_XFER_END] - rqf[:, RQ_XFER_START],
         }
     )
 
@@ -193,6 +204,9 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
     summary |= _pcts(fin["tpot"].to_numpy(), "tpot")
     summary |= _pcts(fin["e2e"].to_numpy(), "e2e")
     summary |= _pcts(fin["queue_time"].to_numpy(), "queue_time")
+    if (requests["decode_replica"] >= 0).any():
+        summary |= _pcts(fin["kv_wait"].to_numpy(), "kv_wait")
+        summary |= _pcts(fin["kv_transfer_time"].to_numpy(), "kv_transfer_time")
     tput = out_tokens / duration if duration > 0 else float("nan")
     summary |= {
         "output_tokens": out_tokens,
@@ -205,6 +219,7 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
         "peak_kv_usage": float((replicas["peak_used_blocks"] / replicas["num_blocks"]).max()),
         "num_evicted_blocks": int(replicas["evicted_blocks"].sum()),
         "load_imbalance": _imbalance(replicas),
+        "kv_transfer_bytes": float(requests["kv_transfer_bytes"].sum()),
         "num_gpus": int(num_gpus),
         "num_replicas": int(len(replicas)),
     }

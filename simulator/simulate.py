@@ -39,6 +39,7 @@ from simulator.core.state import (
     G_STEP_DROPPED,
     G_STEP_N,
     GF_AFFINITY_FACTOR,
+    GF_LOCAL_PREFILL,
     GF_OVERLAP_CREDIT,
     GF_PREFILL_SCALE,
     GF_STALENESS,
@@ -46,20 +47,28 @@ from simulator.core.state import (
     GF_W_KV,
     GF_W_PREFIX,
     GF_W_QUEUE,
+    ROLE_CODES,
     ROUTER_CODES,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
     RP_DRAFT_SECONDS,
+    RP_KV_BYTES_TOKEN,
+    RP_LINK_BW,
+    RP_LINK_LATENCY,
     RP_NUM_STEPS,
     RP_PEAK_RUNNING,
     RP_PEAK_USED,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    RP_ROLE,
     RP_ROUTED,
     RP_SPEC_ACCEPTED,
     RP_SPEC_ON,
     RP_SPEC_PROPOSED,
     RP_SPEC_VERIFIES,
+    RP_XFER_BYTES_IN,
+    RP_XFER_IN,
+    RP_XFER_SECONDS,
     RQ_CHUNKS,
     RQ_OUT_DONE,
     RQ_REPLICA,
@@ -77,6 +86,7 @@ from simulator.core.state import (
 )
 from simulator.costmodel import build_cost_params
 from simulator.hardware import load_hardware
+from simulator.invariants import InvariantError, check_kv
 from simulator.memory import kv_cache_capacity
 from simulator.metrics import requests_frame, summarize
 from simulator.models import load_model
@@ -114,6 +124,8 @@ class ReplicaPlan:
     calibrated: bool = False
     speculative: SpeculativeConfig | None = None
     draft_params: np.ndarray | None = field(default=None, repr=False)
+    role: str = "aggregated"
+    kv_bytes_per_token: int = 0  # the model's KV bytes per token, all TP ranks (transfers)
 
 
 def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
@@ -174,11 +186,12 @@ def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
                 state_blocks_per_seq=int(state_blocks), cost_params=params,
                 capacity_text=cap.describe(), calibrated=hw.calibrated,
                 speculative=spec, draft_params=draft_params,
+                kv_bytes_per_token=model.kv_bytes_per_token(eng.kv_dtype),
             )
         block_sizes.add(eng.block_size)
         base = cache[key]
         for _ in range(group.count):
-            plans.append(ReplicaPlan(**{**base.__dict__, "index": len(plans)}))
+            plans.append(ReplicaPlan(**{**base.__dict__, "index": len(plans), "role": group.role}))
     if len(block_sizes) > 1:
         raise ExperimentError(
             f"cluster.replicas: all replicas must use one block_size (got {sorted(block_sizes)})"
@@ -236,13 +249,15 @@ class Result:
 
 def simulate(
     exp: Experiment, seed: int | None = None, progress: bool | None = None,
-    workload: CompiledWorkload | None = None,
+    workload: CompiledWorkload | None = None, check_every: int = 0,
 ) -> Result:
     """Run one experiment to completion and return its :class:`Result`.
 
     ``seed`` overrides the experiment's seed; ``workload`` replaces its compiled workload (tests
     and trace replays use it); ``progress`` forces the progress bar on or off (default: on for
-    a terminal, after 2 s).
+    a terminal, after 2 s). ``check_every > 0`` stops the core every that many events to verify
+    KV-block conservation (:func:`simulator.invariants.check_kv`), raising
+    :class:`simulator.invariants.InvariantError` at the first violation.
     """
     t0 = time.perf_counter()
     plans = plan_replicas(exp)
@@ -304,16 +319,30 @@ def simulate(
             GF_STALENESS: router.staleness_s,
         },
         n_rep,
+        np.array([ROLE_CODES[pl.role] for pl in plans], dtype=np.int64),
     )
+    link = exp.cluster.disaggregation.link
+    p.rpi[:, RP_ROLE] = [ROLE_CODES[pl.role] for pl in plans]
+    p.rpf[:, RP_LINK_BW] = link.bandwidth_gb_per_s * 1e9
+    p.rpf[:, RP_LINK_LATENCY] = link.latency_s
+    p.rpf[:, RP_KV_BYTES_TOKEN] = [pl.kv_bytes_per_token for pl in plans]
+    g.gf[GF_LOCAL_PREFILL] = exp.cluster.disaggregation.local_prefill_threshold_tokens
     g.gi[G_CHUNK_HIST] = int(any(pl.speculative is not None for pl in plans))
     heap = make_heap(wl.num_requests + 4 * n_rep + 16)
     if not init_events(q, wl, heap, router.staleness_s):
         raise RuntimeError("event heap overflow while queueing arrivals")
     bar = ProgressBar(wl.num_requests, f"simulating {exp.name}", enabled=progress)
-    chunk = 200_000
+    chunk = check_every if check_every > 0 else 200_000
     while True:
         status = run_events(kv, q, p, wl, g, heap, chunk)
         bar.update(int(g.gi[G_NUM_DONE]))
+        if check_every > 0:
+            problems = check_kv(kv, q)
+            if problems:
+                raise InvariantError(
+                    f"after {int(g.gi[G_NUM_EVENTS])} events (t = {g.now[0]:.6f} s): "
+                    + "; ".join(problems)
+                )
         if status == CORE_PAUSED:
             continue
         if status == CORE_DONE:
@@ -355,6 +384,10 @@ def simulate(
             "spec_accepted": p.rpi[:, RP_SPEC_ACCEPTED],
             "spec_verifies": p.rpi[:, RP_SPEC_VERIFIES],
             "routed_requests": p.rpi[:, RP_ROUTED],
+            "role": [pl.role for pl in plans],
+            "kv_transfers_in": p.rpi[:, RP_XFER_IN],
+            "kv_transfer_bytes_in": p.rpf[:, RP_XFER_BYTES_IN],
+            "kv_link_busy_seconds": p.rpf[:, RP_XFER_SECONDS],
         }
     )
     steps = None

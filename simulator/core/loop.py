@@ -55,16 +55,21 @@ from simulator.core.state import (
     CORE_ERR_STUCK,
     CORE_PAUSED,
     EV_ARRIVAL,
+    EV_KV_DONE,
     EV_SCHEDULE,
     EV_SNAPSHOT,
     EV_STEP_END,
     G_CHUNK_HIST,
+    G_DISAGG,
     G_ERROR,
     G_NUM_DONE,
     G_NUM_EVENTS,
+    G_RR_NEXT,
+    G_RR_NEXT_PREFILL,
     G_SEED,
     G_STEP_DROPPED,
     G_STEP_N,
+    GF_LOCAL_PREFILL,
     GF_STALENESS,
     GF_WINDOW_SECONDS,
     HIST_BINS_PER_DECADE,
@@ -73,13 +78,22 @@ from simulator.core.state import (
     REJECT_KV_CAPACITY,
     REJECT_MAX_MODEL_LEN,
     REJECT_PARENT,
+    ROLE_AGGREGATED,
+    ROLE_DECODE,
+    ROLE_PREFILL,
     RP_BUSY,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
     RP_DRAFT_SECONDS,
+    RP_KV_BYTES_TOKEN,
+    RP_LINK_BW,
+    RP_LINK_FREE_AT,
+    RP_LINK_LATENCY,
     RP_MAX_BATCHED,
     RP_MAX_LEN,
     RP_MAX_SEQS,
+    RP_N_HELD,
+    RP_N_REMOTE,
     RP_N_RUNNING,
     RP_N_SCHED,
     RP_N_WAITING,
@@ -90,7 +104,10 @@ from simulator.core.state import (
     RP_PENDING_PREFILL,
     RP_PREEMPTIONS,
     RP_PREFILL_TOKENS,
+    RP_ROLE,
     RP_ROUTED,
+    RP_RQ_HEAD,
+    RP_RQ_TAIL,
     RP_SPEC_ACCEPTED,
     RP_SPEC_DECAY,
     RP_SPEC_DRAFT,
@@ -103,11 +120,15 @@ from simulator.core.state import (
     RP_STEP_START,
     RP_WQ_HEAD,
     RP_WQ_TAIL,
+    RP_XFER_BYTES_IN,
+    RP_XFER_IN,
+    RP_XFER_SECONDS,
     RQ_ARRIVAL,
     RQ_CACHED,
     RQ_CHUNKS,
     RQ_COMMITTED,
     RQ_COMPUTED,
+    RQ_DECODE_REPLICA,
     RQ_FEXT,
     RQ_FINISH,
     RQ_FIRST_SCHED,
@@ -120,7 +141,9 @@ from simulator.core.state import (
     RQ_PARENT_FAILED,
     RQ_PENDING,
     RQ_PREEMPTIONS,
+    RQ_PREFILL_REPLICA,
     RQ_PRIVATE,
+    RQ_PRIVATE_P,
     RQ_READY,
     RQ_REJECT,
     RQ_REPLICA,
@@ -131,6 +154,10 @@ from simulator.core.state import (
     RQ_TABLE_LEN,
     RQ_WQ_NEXT,
     RQ_WQ_PREV,
+    RQ_XFER_BYTES,
+    RQ_XFER_END,
+    RQ_XFER_QUEUED,
+    RQ_XFER_START,
     SL_END,
     SL_NUM_DECODES,
     SL_NUM_SEQS,
@@ -145,6 +172,7 @@ from simulator.core.state import (
     ST_REJECTED,
     ST_RELEASING,
     ST_RUNNING,
+    ST_TRANSFERRING,
     ST_WAITING,
     WIN_NUM_BINS,
 )
@@ -218,9 +246,19 @@ def _advance(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r, ne
 @njit(cache=True)
 def _release(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r):
     """Free every block of ``r``: private ones first, then its path from the tail up."""
-    kvn = kv.kvn
     if rqi[r, RQ_PRIVATE] > 0:
         fifo_push(kv, rep, -1, 0, rqi[r, RQ_PRIVATE])
+    _release_path(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r)
+    rqi[r, RQ_PRIVATE] = 0
+    rqi[r, RQ_TABLE_LEN] = 0
+    rqi[r, RQ_COMMITTED] = 0
+    rqi[r, RQ_FEXT] = 0
+
+
+@njit(cache=True)
+def _release_path(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r):
+    """Drop ``r``'s references to cached blocks on ``rep``, deepest node first."""
+    kvn = kv.kvn
     if kv.kvs[rep, KS_CACHING] == 1:
         j = rqi[r, RQ_FPOS]
         c = path_nodes[j]
@@ -236,10 +274,6 @@ def _release(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r):
             new = max_extent(kv, rep, c)
             if new < old:
                 fifo_push(kv, rep, c, new, old)
-    rqi[r, RQ_PRIVATE] = 0
-    rqi[r, RQ_TABLE_LEN] = 0
-    rqi[r, RQ_COMMITTED] = 0
-    rqi[r, RQ_FEXT] = 0
 
 
 @njit(cache=True, inline="always")
@@ -316,6 +350,142 @@ def _wq_pop_front(rqi, rpi, rep):
     return r
 
 
+@njit(cache=True)
+def _rq_push_back(rqi, rpi, rep, r):
+    """Queue a prefilled request for a decode replica's blocks (links shared with the wq)."""
+    tail = rpi[rep, RP_RQ_TAIL]
+    rqi[r, RQ_WQ_NEXT] = -1
+    rqi[r, RQ_WQ_PREV] = tail
+    if tail != -1:
+        rqi[tail, RQ_WQ_NEXT] = r
+    else:
+        rpi[rep, RP_RQ_HEAD] = r
+    rpi[rep, RP_RQ_TAIL] = r
+    rpi[rep, RP_N_REMOTE] += 1
+
+
+@njit(cache=True)
+def _rq_pop_front(rqi, rpi, rep):
+    r = rpi[rep, RP_RQ_HEAD]
+    nxt = rqi[r, RQ_WQ_NEXT]
+    rpi[rep, RP_RQ_HEAD] = nxt
+    if nxt != -1:
+        rqi[nxt, RQ_WQ_PREV] = -1
+    else:
+        rpi[rep, RP_RQ_TAIL] = -1
+    rqi[r, RQ_WQ_NEXT] = -1
+    rpi[rep, RP_N_REMOTE] -= 1
+    return r
+
+
+@njit(cache=True)
+def _remove_running(running, rpi, rep, r):
+    """Take ``r`` out of ``rep``'s running list, keeping the order of the others."""
+    n = rpi[rep, RP_N_RUNNING]
+    w = 0
+    for k in range(n):
+        q = running[rep, k]
+        if q != r:
+            running[rep, w] = q
+            w += 1
+    for k in range(w, n):
+        running[rep, k] = -1
+    rpi[rep, RP_N_RUNNING] = w
+
+
+@njit(cache=True)
+def _start_transfers(kv, q, p, wl, heap, rep, now):
+    """Decode replica ``rep``: give blocks to prefilled requests, FIFO, and start their KV moves.
+
+    The blocks the replica already caches are hits; only the rest of the prompt's KV crosses the
+    link, whose transfers are serialised (latency + bytes / bandwidth). The request joins the
+    running list as a transfer in flight (not schedulable) until ``EV_KV_DONE``.
+    """
+    rqi = q.rqi
+    rqf = q.rqf
+    rpi = p.rpi
+    rpf = p.rpf
+    kvs = kv.kvs
+    bs = kvs[rep, KS_BLOCK_SIZE]
+    path_nodes = wl.path_nodes
+    caching = kvs[rep, KS_CACHING] == 1
+    while rpi[rep, RP_RQ_HEAD] != -1 and rpi[rep, RP_N_RUNNING] < rpi[rep, RP_MAX_SEQS]:
+        r = rpi[rep, RP_RQ_HEAD]
+        ps = wl.req_path_start[r]
+        pe = wl.req_path_start[r + 1]
+        prompt = wl.req_prompt_tokens[r]
+        hits = 0
+        if caching:
+            hits = lookup_hit_blocks(kv, path_nodes, ps, pe, rep, prompt + 1)
+        table = (prompt + bs - 1) // bs
+        need = table - hits + rpi[rep, RP_STATE_BLOCKS]
+        touched = 0
+        if hits > 0:
+            touched = queued_blocks_in_prefix(kv, path_nodes, ps, pe, rep, hits)
+        if need + touched > kvs[rep, KS_FREE]:
+            return True
+        _rq_pop_front(rqi, rpi, rep)
+        n_run = rpi[rep, RP_N_RUNNING]
+        if caching:
+            rqi[r, RQ_FPOS] = ps
+            rqi[r, RQ_FEXT] = 0
+            rqi[r, RQ_COMMITTED] = 0
+            kv.kvn[rep, path_nodes[ps], KN_PART] += 1
+            if hits > 0:
+                _advance(kv, rqi, p.running, n_run, path_nodes, wl.req_path_start, rep, r, hits,
+                         False)
+        if need > 0:
+            fifo_pop(kv, rep, need)
+        rqi[r, RQ_PRIVATE] = need
+        rqi[r, RQ_TABLE_LEN] = table
+        if caching and prompt // bs > rqi[r, RQ_COMMITTED]:
+            _advance(kv, rqi, p.running, n_run, path_nodes, wl.req_path_start, rep, r,
+                     prompt // bs, True)
+        p.running[rep, n_run] = r
+        rpi[rep, RP_N_RUNNING] = n_run + 1
+        rpi[rep, RP_N_HELD] += 1
+        nbytes = (prompt - hits * bs) * rpf[rep, RP_KV_BYTES_TOKEN]
+        start = now if now > rpf[rep, RP_LINK_FREE_AT] else rpf[rep, RP_LINK_FREE_AT]
+        busy = nbytes / rpf[rep, RP_LINK_BW]
+        rpf[rep, RP_LINK_FREE_AT] = start + busy
+        rpf[rep, RP_XFER_SECONDS] += busy
+        rpf[rep, RP_XFER_BYTES_IN] += nbytes
+        rpi[rep, RP_XFER_IN] += 1
+        rqf[r, RQ_XFER_START] = start
+        rqf[r, RQ_XFER_END] = start + busy + rpf[rep, RP_LINK_LATENCY]
+        rqf[r, RQ_XFER_BYTES] = nbytes
+        if not heap_push(heap, rqf[r, RQ_XFER_END], EV_KV_DONE, r):
+            return False
+    return True
+
+
+@njit(cache=True)
+def _on_kv_done(kv, q, p, wl, heap, r, now):
+    """The KV of ``r`` reached its decode replica: free it on the prefill side, decode on."""
+    rqi = q.rqi
+    rpi = p.rpi
+    src = rqi[r, RQ_PREFILL_REPLICA]
+    dst = rqi[r, RQ_DECODE_REPLICA]
+    if rqi[r, RQ_PRIVATE_P] > 0:
+        fifo_push(kv, src, -1, 0, rqi[r, RQ_PRIVATE_P])
+        rqi[r, RQ_PRIVATE_P] = 0
+    _release_path(kv, rqi, p.running, rpi[src, RP_N_RUNNING], wl.path_nodes, wl.req_path_start,
+                  src, r)
+    _remove_running(p.running, rpi, src, r)
+    rpi[src, RP_N_HELD] -= 1
+    rpi[src, RP_OUTSTANDING] -= 1
+    rpi[dst, RP_N_HELD] -= 1
+    rqi[r, RQ_STATUS] = ST_RUNNING
+    rqi[r, RQ_REPLICA] = dst
+    ok = True
+    for rep in (src, dst):
+        if rpi[rep, RP_BUSY] == 0:
+            rpi[rep, RP_BUSY] = 1
+            if not heap_push(heap, now, EV_SCHEDULE, rep):
+                ok = False
+    return ok
+
+
 # ----------------------------------------------------------------------------------------------
 # scheduling
 
@@ -344,6 +514,9 @@ def _schedule(kv, q, p, wl, g, rep, now):
     i = 0
     while i < rpi[rep, RP_N_RUNNING] and budget > 0:
         r = running[rep, i]
+        if rqi[r, RQ_STATUS] == ST_TRANSFERRING:
+            i += 1
+            continue
         computed = rqi[r, RQ_COMPUTED]
         n = rqi[r, RQ_NUM_TOKENS] - computed
         drafts = 0
@@ -365,11 +538,14 @@ def _schedule(kv, q, p, wl, g, rep, now):
         need = (computed + n + bs - 1) // bs - rqi[r, RQ_TABLE_LEN]
         self_preempted = False
         while need > kvs[rep, KS_FREE]:
+            # the newest running request is the victim (transfers in flight are not preemptible)
             last = rpi[rep, RP_N_RUNNING] - 1
+            while rqi[running[rep, last], RQ_STATUS] == ST_TRANSFERRING:
+                last -= 1
             victim = running[rep, last]
-            running[rep, last] = -1
-            rpi[rep, RP_N_RUNNING] = last
-            _release(kv, rqi, running, last, path_nodes, path_start, rep, victim)
+            _remove_running(running, rpi, rep, victim)
+            _release(kv, rqi, running, rpi[rep, RP_N_RUNNING], path_nodes, path_start, rep,
+                     victim)
             rqi[victim, RQ_COMPUTED] = 0
             rqi[victim, RQ_PREEMPTIONS] += 1
             rpi[rep, RP_PREEMPTIONS] += 1
@@ -504,22 +680,55 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
     rpi = p.rpi
     if rqi[r, RQ_PARENT_FAILED] == 1:
         return _reject(q, wl, heap, g, r, REJECT_PARENT, now)
-    rep = route(kv, rpi, g.gi, g.gf, g.session_home, wl.path_nodes, wl.req_path_start[r],
-                wl.req_path_start[r + 1], wl.req_prompt_tokens[r], wl.req_session[r], r,
-                g.route_scratch)
+    prompt = wl.req_prompt_tokens[r]
+    total = prompt + wl.req_output_tokens[r]
+    ps = wl.req_path_start[r]
+    pe = wl.req_path_start[r + 1]
+    session = wl.req_session[r]
+    if g.gi[G_DISAGG] == 0:
+        rep = route(kv, rpi, g.gi, g.gf, g.session_home[0], wl.path_nodes, ps, pe, prompt,
+                    session, r, g.route_scratch, g.pool_members[ROLE_AGGREGATED],
+                    g.pool_sizes[ROLE_AGGREGATED], G_RR_NEXT)
+        dst = -1
+    else:
+        # disaggregated: pick the decode replica, then prefill there (short uncached part) or
+        # on a prefill replica
+        dst = route(kv, rpi, g.gi, g.gf, g.session_home[0], wl.path_nodes, ps, pe, prompt,
+                    session, r, g.route_scratch, g.pool_members[ROLE_DECODE],
+                    g.pool_sizes[ROLE_DECODE], G_RR_NEXT)
+        rep = dst
+        local = wl.req_output_tokens[r] == 1
+        if not local and g.gf[GF_LOCAL_PREFILL] > 0.0:
+            hits = 0
+            if kv.kvs[dst, KS_CACHING] == 1:
+                hits = lookup_hit_blocks(kv, wl.path_nodes, ps, pe, dst, prompt)
+            local = prompt - hits * kv.kvs[dst, KS_BLOCK_SIZE] < g.gf[GF_LOCAL_PREFILL]
+        if not local or wl.req_output_tokens[r] == 1:
+            rep = route(kv, rpi, g.gi, g.gf, g.session_home[1], wl.path_nodes, ps, pe, prompt,
+                        session, r, g.route_scratch, g.pool_members[ROLE_PREFILL],
+                        g.pool_sizes[ROLE_PREFILL], G_RR_NEXT_PREFILL)
+        if rep == dst or wl.req_output_tokens[r] == 1:
+            dst = -1
     rqi[r, RQ_REPLICA] = rep
     rpi[rep, RP_ROUTED] += 1
-    total = wl.req_prompt_tokens[r] + wl.req_output_tokens[r]
-    if total > rpi[rep, RP_MAX_LEN]:
-        return _reject(q, wl, heap, g, r, REJECT_MAX_MODEL_LEN, now)
     bs = kv.kvs[rep, KS_BLOCK_SIZE]
-    # the last output token's KV is never computed: prompt + output - 1 tokens need blocks
-    if (total - 1 + bs - 1) // bs + rpi[rep, RP_STATE_BLOCKS] > kv.kvs[rep, KS_BLOCKS]:
-        return _reject(q, wl, heap, g, r, REJECT_KV_CAPACITY, now)
+    for target in (rep, dst):
+        if target < 0:
+            continue
+        if total > rpi[target, RP_MAX_LEN]:
+            return _reject(q, wl, heap, g, r, REJECT_MAX_MODEL_LEN, now)
+        # the last output token's KV is never computed: prompt + output - 1 tokens need blocks
+        tokens = total - 1 if target == dst or dst < 0 else prompt
+        if (tokens + bs - 1) // bs + rpi[target, RP_STATE_BLOCKS] > kv.kvs[target, KS_BLOCKS]:
+            return _reject(q, wl, heap, g, r, REJECT_KV_CAPACITY, now)
+    if dst >= 0:
+        rqi[r, RQ_PREFILL_REPLICA] = rep
+        rqi[r, RQ_DECODE_REPLICA] = dst
+        rpi[dst, RP_OUTSTANDING] += 1
     rqi[r, RQ_STATUS] = ST_WAITING
-    rqi[r, RQ_NUM_TOKENS] = wl.req_prompt_tokens[r]
+    rqi[r, RQ_NUM_TOKENS] = prompt
     rpi[rep, RP_OUTSTANDING] += 1
-    rpi[rep, RP_PENDING_PREFILL] += wl.req_prompt_tokens[r]
+    rpi[rep, RP_PENDING_PREFILL] += prompt
     _wq_push_back(rqi, rpi, rep, r)
     if rpi[rep, RP_BUSY] == 0:
         rpi[rep, RP_BUSY] = 1
@@ -530,10 +739,15 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
 @njit(cache=True)
 def _on_schedule(kv, q, p, wl, g, heap, rep, now):
     rpi = p.rpi
+    if rpi[rep, RP_RQ_HEAD] != -1:
+        if not _start_transfers(kv, q, p, wl, heap, rep, now):
+            return CORE_ERR_HEAP_FULL
     n = _schedule(kv, q, p, wl, g, rep, now)
     if n == 0:
         rpi[rep, RP_BUSY] = 0
-        if rpi[rep, RP_N_RUNNING] > 0 or rpi[rep, RP_N_WAITING] > 0:
+        # with KV transfers in flight the replica is woken when they complete
+        stuck = rpi[rep, RP_N_RUNNING] > 0 or rpi[rep, RP_N_WAITING] > 0
+        if stuck and rpi[rep, RP_N_HELD] == 0:
             g.gi[G_ERROR] = rep
             return CORE_ERR_STUCK
         return CORE_DONE
@@ -677,6 +891,20 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
             if gap > rqf[r, RQ_MAX_GAP]:
                 rqf[r, RQ_MAX_GAP] = gap
         rqf[r, RQ_LAST_TOKEN] = now
+        if done == m and done < out_target[r] and rpi[rep, RP_ROLE] == ROLE_PREFILL:
+            # prefill replica: hand the request to its decode replica; keep the KV until moved
+            dst = rqi[r, RQ_DECODE_REPLICA]
+            rqi[r, RQ_STATUS] = ST_TRANSFERRING
+            rqi[r, RQ_PRIVATE_P] = rqi[r, RQ_PRIVATE]
+            rqi[r, RQ_PRIVATE] = 0
+            rpi[rep, RP_N_HELD] += 1
+            rqf[r, RQ_XFER_QUEUED] = now
+            _rq_push_back(rqi, rpi, dst, r)
+            if rpi[dst, RP_BUSY] == 0:
+                rpi[dst, RP_BUSY] = 1
+                if not heap_push(heap, now, EV_SCHEDULE, dst):
+                    ok = False
+            continue
         if done >= out_target[r]:
             rqi[r, RQ_STATUS] = ST_RELEASING
             rqf[r, RQ_FINISH] = now
@@ -753,6 +981,9 @@ def run_events(kv, q, p, wl, g, heap, max_events):
             status = _on_schedule(kv, q, p, wl, g, heap, payload, now)
             if status != CORE_DONE:
                 return status
+        elif kind == EV_KV_DONE:
+            if not _on_kv_done(kv, q, p, wl, heap, payload, now):
+                return CORE_ERR_HEAP_FULL
         elif kind == EV_SNAPSHOT:
             take_snapshot(kv, p.rpi)
             if heap.size[0] > 0 and not heap_push(heap, now + g.gf[GF_STALENESS], EV_SNAPSHOT, 0):

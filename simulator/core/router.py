@@ -38,7 +38,6 @@ from simulator.core.kvcache import (
 )
 from simulator.core.state import (
     G_ROUTER,
-    G_RR_NEXT,
     G_SEED,
     GF_AFFINITY_FACTOR,
     GF_OVERLAP_CREDIT,
@@ -91,8 +90,8 @@ def take_snapshot(kv, rpi):
 
 
 @njit(cache=True)
-def _argbest(score, n, seed, r, lowest):
-    """Index of the lowest (or highest) score; ties broken uniformly by a counter-based draw."""
+def _argbest(score, cand, n, seed, r, lowest):
+    """Candidate with the lowest (or highest) score; ties broken by a counter-based draw."""
     best = 0
     ties = 1
     for k in range(1, n):
@@ -104,45 +103,50 @@ def _argbest(score, n, seed, r, lowest):
             ties += 1
             if uniform(seed, r, SALT_ROUTE + ties, k) * ties < 1.0:
                 best = k
-    return best
+    return cand[best]
 
 
 @njit(cache=True)
 def route(kv, rpi, gi, gf, session_home, path_nodes, path_start, path_end, num_tokens,
-          session, r, scratch):
-    """The replica for request ``r`` (prompt ``num_tokens`` tokens, content path given)."""
-    n_rep = rpi.shape[0]
-    if n_rep == 1:
-        return 0
+          session, r, scratch, cand, n, rr_col):
+    """The replica for request ``r`` among the ``n`` candidates ``cand[:n]``.
+
+    ``num_tokens``: its prompt length; ``session_home``: the pool's row of session homes;
+    ``rr_col``: the column of ``gi`` holding the pool's round-robin counter.
+    """
+    if n == 1:
+        return cand[0]
     policy = gi[G_ROUTER]
-    seed = gi[G_SEED]
+    seed = gi[G_SEED] + 7919 * rr_col
     stale = gf[GF_STALENESS] > 0.0
     if policy == ROUTE_RANDOM:
-        return min(int(uniform(seed, r, SALT_ROUTE, 0) * n_rep), n_rep - 1)
+        return cand[min(int(uniform(seed, r, SALT_ROUTE, 0) * n), n - 1)]
     if policy == ROUTE_LEAST_OUTSTANDING:
-        for k in range(n_rep):
-            scratch[k] = _outstanding(rpi, k, stale)
-        return _argbest(scratch, n_rep, seed, r, True)
+        for k in range(n):
+            scratch[k] = _outstanding(rpi, cand[k], stale)
+        return _argbest(scratch, cand, n, seed, r, True)
     if policy == ROUTE_LEAST_KV:
-        for k in range(n_rep):
-            scratch[k] = _used(kv, rpi, k, stale) / kv.kvs[k, KS_BLOCKS]
-        return _argbest(scratch, n_rep, seed, r, True)
+        for k in range(n):
+            scratch[k] = _used(kv, rpi, cand[k], stale) / kv.kvs[cand[k], KS_BLOCKS]
+        return _argbest(scratch, cand, n, seed, r, True)
     if policy == ROUTE_POWER_OF_TWO:
-        a = min(int(uniform(seed, r, SALT_ROUTE, 1) * n_rep), n_rep - 1)
-        b = min(int(uniform(seed, r, SALT_ROUTE, 2) * (n_rep - 1)), n_rep - 2)
+        a = min(int(uniform(seed, r, SALT_ROUTE, 1) * n), n - 1)
+        b = min(int(uniform(seed, r, SALT_ROUTE, 2) * (n - 1)), n - 2)
         if b >= a:
             b += 1
-        return a if _outstanding(rpi, a, stale) <= _outstanding(rpi, b, stale) else b
+        ra = cand[a]
+        rb = cand[b]
+        return ra if _outstanding(rpi, ra, stale) <= _outstanding(rpi, rb, stale) else rb
     if policy == ROUTE_SESSION_AFFINITY:
         home = session_home[session]
         total = 0
-        for k in range(n_rep):
-            total += _outstanding(rpi, k, stale)
-        mean = total / n_rep
+        for k in range(n):
+            total += _outstanding(rpi, cand[k], stale)
+        mean = total / n
         if home < 0 or _outstanding(rpi, home, stale) > gf[GF_AFFINITY_FACTOR] * (mean + 1.0):
-            for k in range(n_rep):
-                scratch[k] = _outstanding(rpi, k, stale)
-            home = _argbest(scratch, n_rep, seed, r, True)
+            for k in range(n):
+                scratch[k] = _outstanding(rpi, cand[k], stale)
+            home = _argbest(scratch, cand, n, seed, r, True)
         session_home[session] = home
         return home
     if policy == ROUTE_KV_AWARE:
@@ -150,54 +154,55 @@ def route(kv, rpi, gi, gf, session_home, path_nodes, path_start, path_end, num_t
         credit = gf[GF_OVERLAP_CREDIT]
         cmin = 1e300
         cmax = -1e300
-        for k in range(n_rep):
-            bs = kv.kvs[k, KS_BLOCK_SIZE]
+        for k in range(n):
+            rep = cand[k]
             overlap = 0
-            if kv.kvs[k, KS_CACHING] == 1:
-                overlap = lookup_hit_blocks(kv, path_nodes, path_start, path_end, k, num_tokens)
-            pending = rpi[k, RP_SNAP_PENDING] if stale else rpi[k, RP_PENDING_PREFILL]
-            prefill = (pending + num_tokens) / bs
-            adj = prefill - credit * overlap
+            if kv.kvs[rep, KS_CACHING] == 1:
+                overlap = lookup_hit_blocks(kv, path_nodes, path_start, path_end, rep, num_tokens)
+            pending = rpi[rep, RP_SNAP_PENDING] if stale else rpi[rep, RP_PENDING_PREFILL]
+            adj = (pending + num_tokens) / kv.kvs[rep, KS_BLOCK_SIZE] - credit * overlap
             if adj < 0.0:
                 adj = 0.0
-            cost = scale * adj + _used(kv, rpi, k, stale)
+            cost = scale * adj + _used(kv, rpi, rep, stale)
             scratch[k] = cost
             cmin = min(cmin, cost)
             cmax = max(cmax, cost)
         temp = gf[GF_TEMPERATURE]
         if temp <= 0.0 or cmax == cmin:
-            return _argbest(scratch, n_rep, seed, r, True)
+            return _argbest(scratch, cand, n, seed, r, True)
         total = 0.0
-        for k in range(n_rep):
+        for k in range(n):
             scratch[k] = math.exp(-(scratch[k] - cmin) / ((cmax - cmin) * temp))
             total += scratch[k]
         u = uniform(seed, r, SALT_ROUTE, 3) * total
         acc = 0.0
-        for k in range(n_rep):
+        for k in range(n):
             acc += scratch[k]
             if u < acc:
-                return k
-        return n_rep - 1
+                return cand[k]
+        return cand[n - 1]
     if policy == ROUTE_WEIGHTED:
         qmin = 1 << 62
         qmax = -1
-        for k in range(n_rep):
-            qk = rpi[k, RP_SNAP_WAITING] if stale else rpi[k, RP_N_WAITING]
+        for k in range(n):
+            rep = cand[k]
+            qk = rpi[rep, RP_SNAP_WAITING] if stale else rpi[rep, RP_N_WAITING]
             qmin = min(qmin, qk)
             qmax = max(qmax, qk)
-        total_blocks = max((num_tokens - 1) // kv.kvs[0, KS_BLOCK_SIZE], 1)
-        for k in range(n_rep):
+        for k in range(n):
+            rep = cand[k]
             prefix = 0.0
-            if kv.kvs[k, KS_CACHING] == 1:
-                hits = lookup_hit_blocks(kv, path_nodes, path_start, path_end, k, num_tokens)
+            if kv.kvs[rep, KS_CACHING] == 1:
+                total_blocks = max((num_tokens - 1) // kv.kvs[rep, KS_BLOCK_SIZE], 1)
+                hits = lookup_hit_blocks(kv, path_nodes, path_start, path_end, rep, num_tokens)
                 prefix = hits / total_blocks
-            qk = rpi[k, RP_SNAP_WAITING] if stale else rpi[k, RP_N_WAITING]
+            qk = rpi[rep, RP_SNAP_WAITING] if stale else rpi[rep, RP_N_WAITING]
             queue = 1.0 if qmax == qmin else (qmax - qk) / (qmax - qmin)
-            usage = _used(kv, rpi, k, stale) / kv.kvs[k, KS_BLOCKS]
+            usage = _used(kv, rpi, rep, stale) / kv.kvs[rep, KS_BLOCKS]
             scratch[k] = gf[GF_W_PREFIX] * prefix + gf[GF_W_QUEUE] * queue + gf[GF_W_KV] * (
                 1.0 - usage
             )
-        return _argbest(scratch, n_rep, seed, r, False)
-    rep = gi[G_RR_NEXT] % n_rep
-    gi[G_RR_NEXT] += 1
-    return rep
+        return _argbest(scratch, cand, n, seed, r, False)
+    k = gi[rr_col] % n
+    gi[rr_col] += 1
+    return cand[k]

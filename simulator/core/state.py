@@ -18,6 +18,13 @@ EV_ARRIVAL = 0  # a request is dispatched to the cluster (payload: request id)
 EV_SCHEDULE = 1  # a replica forms its next batch (payload: replica id)
 EV_STEP_END = 2  # a replica's step finishes (payload: replica id)
 EV_SNAPSHOT = 3  # the router refreshes its (stale) view of replica load
+EV_KV_DONE = 4  # a prefill->decode KV transfer completes (payload: request id)
+
+# Replica roles and router pools.
+ROLE_AGGREGATED = 0
+ROLE_PREFILL = 1
+ROLE_DECODE = 2
+ROLE_CODES = {"aggregated": ROLE_AGGREGATED, "prefill": ROLE_PREFILL, "decode": ROLE_DECODE}
 
 # Request status.
 ST_PENDING = 0  # parents not finished yet
@@ -27,6 +34,7 @@ ST_RUNNING = 3
 ST_FINISHED = 4
 ST_REJECTED = 5
 ST_RELEASING = 6  # finished in the current step, blocks not yet released
+ST_TRANSFERRING = 7  # prefill done on a prefill replica; its KV is moving to a decode replica
 
 # Rejection reasons.
 REJECT_NONE = 0
@@ -94,7 +102,10 @@ RQ_WQ_PREV = 17
 RQ_SPEC_PROPOSED = 18  # draft tokens proposed for it
 RQ_SPEC_ACCEPTED = 19  # draft tokens accepted
 RQ_CHUNKS = 20  # token emissions (a speculative step emits several tokens in one chunk)
-RQ_NUM_INT = 21
+RQ_DECODE_REPLICA = 21  # disaggregation: the decode replica chosen at dispatch, -1 if none
+RQ_PREFILL_REPLICA = 22  # disaggregation: where the prompt was computed, -1 if local
+RQ_PRIVATE_P = 23  # disaggregation: private blocks still held on the prefill replica
+RQ_NUM_INT = 24
 
 # --- request float columns: rqf[r, col], seconds ---
 RQ_READY = 0  # all parents finished (a root: its arrival time)
@@ -104,7 +115,11 @@ RQ_FIRST_TOKEN = 3
 RQ_FINISH = 4
 RQ_LAST_TOKEN = 5
 RQ_MAX_GAP = 6  # largest gap between two of its tokens
-RQ_NUM_FLOAT = 7
+RQ_XFER_QUEUED = 7  # prefill done, waiting for the decode replica's blocks
+RQ_XFER_START = 8  # KV transfer starts (blocks allocated on the decode replica, link free)
+RQ_XFER_END = 9
+RQ_XFER_BYTES = 10  # bytes moved (only what the decode replica did not have cached)
+RQ_NUM_FLOAT = 11
 
 # --- replica integer columns: rpi[rep, col] ---
 RP_MAX_BATCHED = 0  # max_num_batched_tokens
@@ -137,14 +152,26 @@ RP_SNAP_WAITING = 26  # ... of RP_N_WAITING
 RP_SNAP_USED = 27  # ... of KV blocks in use
 RP_SNAP_PENDING = 28  # ... of RP_PENDING_PREFILL
 RP_ROUTED = 29  # requests routed here
-RP_NUM_INT = 30
+RP_ROLE = 30  # ROLE_AGGREGATED, ROLE_PREFILL or ROLE_DECODE
+RP_RQ_HEAD = 31  # decode replicas: queue of prefilled requests waiting for blocks (FIFO)
+RP_RQ_TAIL = 32
+RP_N_REMOTE = 33
+RP_XFER_IN = 34  # KV transfers received
+RP_N_HELD = 35  # running-list entries that are transfers in flight (not schedulable)
+RP_NUM_INT = 36
 
 # --- replica float columns: rpf[rep, col], seconds ---
 RP_STEP_START = 0
 RP_BUSY_SECONDS = 1
 RP_SPEC_DECAY = 2  # acceptance of draft position i = alpha * decay**i
 RP_DRAFT_SECONDS = 3  # seconds of draft passes (included in busy seconds)
-RP_NUM_FLOAT = 4
+RP_LINK_FREE_AT = 4  # decode replicas: when the inbound KV link is next free (s)
+RP_LINK_BW = 5  # inbound KV link bandwidth (bytes/s)
+RP_LINK_LATENCY = 6  # per-transfer latency (s)
+RP_KV_BYTES_TOKEN = 7  # KV bytes per token of the model, all TP ranks together
+RP_XFER_BYTES_IN = 8
+RP_XFER_SECONDS = 9  # link busy time
+RP_NUM_FLOAT = 10
 
 # --- global scalars ---
 G_ROUTER = 0
@@ -156,7 +183,9 @@ G_STEP_N = 5  # steps recorded in the step log
 G_STEP_DROPPED = 6  # steps not recorded because the log was full
 G_SEED = 7  # seed of the counter-based draws (speculative acceptance)
 G_CHUNK_HIST = 8  # 1 = record the per-chunk gap histogram (some replica speculates)
-G_NUM_INT = 9
+G_RR_NEXT_PREFILL = 9  # round-robin counter of the prefill pool
+G_DISAGG = 10  # 1 = the cluster has prefill and decode pools
+G_NUM_INT = 11
 GF_WINDOW_SECONDS = 0  # width of the time windows of the windowed gap histograms
 GF_TEMPERATURE = 1  # kv_aware: softmax temperature over costs (0 = argmin)
 GF_OVERLAP_CREDIT = 2  # kv_aware: blocks of prefill credited per cached block
@@ -166,7 +195,8 @@ GF_W_QUEUE = 5
 GF_W_KV = 6
 GF_AFFINITY_FACTOR = 7  # session_affinity: leave home when its load > factor x (mean + 1)
 GF_STALENESS = 8  # seconds between the router's load snapshots (0 = live)
-GF_NUM = 9
+GF_LOCAL_PREFILL = 9  # disaggregation: prefill on the decode replica below this many tokens
+GF_NUM = 10
 
 # --- step log columns: step_log[i, col] (times in seconds) ---
 SL_REPLICA = 0
@@ -211,8 +241,10 @@ class Globals(NamedTuple):
     chunk_gap_hist: np.ndarray  # int64[HIST_NUM_BINS], gaps between successive token chunks
     gap_hist_win: np.ndarray  # int64[num windows, WIN_NUM_BINS]; the last row takes the rest
     step_log: np.ndarray  # float64[capacity, SL_NUM]; capacity 0 = not recorded
-    session_home: np.ndarray  # int64[num sessions], replica of a session's last request, -1
-    route_scratch: np.ndarray  # float64[n_rep], per-replica scores while routing
+    session_home: np.ndarray  # int64[2, num sessions], a session's replica per pool, -1
+    route_scratch: np.ndarray  # float64[n_rep], per-candidate scores while routing
+    pool_members: np.ndarray  # int64[3, n_rep]: replicas by role (row ROLE_*)
+    pool_sizes: np.ndarray  # int64[3]
     new_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
     context_tokens: np.ndarray  # int64[max seqs], scratch for the cost model
 
@@ -223,8 +255,11 @@ def make_requests(num_requests: int) -> Requests:
     rqi[:, RQ_CACHED] = -1
     rqi[:, RQ_WQ_NEXT] = -1
     rqi[:, RQ_WQ_PREV] = -1
+    rqi[:, RQ_DECODE_REPLICA] = -1
+    rqi[:, RQ_PREFILL_REPLICA] = -1
     rqf = np.full((num_requests, RQ_NUM_FLOAT), np.nan, dtype=np.float64)
     rqf[:, RQ_MAX_GAP] = 0.0
+    rqf[:, RQ_XFER_BYTES] = 0.0
     return Requests(rqi, rqf)
 
 
@@ -252,6 +287,8 @@ def make_replicas(
     rpi[:, RP_STATE_BLOCKS] = state_blocks_per_seq
     rpi[:, RP_WQ_HEAD] = -1
     rpi[:, RP_WQ_TAIL] = -1
+    rpi[:, RP_RQ_HEAD] = -1
+    rpi[:, RP_RQ_TAIL] = -1
     rpf = np.zeros((n, RP_NUM_FLOAT), dtype=np.float64)
     rpf[:, RP_SPEC_DECAY] = 1.0
     if spec_on is not None:
@@ -286,12 +323,20 @@ def make_globals(
     num_sessions: int = 1,
     router_params: dict[int, float] | None = None,
     num_replicas: int = 1,
+    roles: np.ndarray | None = None,
 ) -> Globals:
     gi = np.zeros(G_NUM_INT, dtype=np.int64)
     gi[G_ROUTER] = router
     gi[G_SEED] = seed
     gf = np.zeros(GF_NUM, dtype=np.float64)
     gf[GF_WINDOW_SECONDS] = window_seconds
+    roles = np.zeros(num_replicas, dtype=np.int64) if roles is None else roles
+    pools = (np.zeros((3, max(num_replicas, 1)), dtype=np.int64), np.zeros(3, dtype=np.int64))
+    for role in range(3):
+        members = np.flatnonzero(roles == role)
+        pools[0][role, : members.size] = members
+        pools[1][role] = members.size
+    gi[G_DISAGG] = int(pools[1][ROLE_PREFILL] > 0)
     for col, value in (router_params or {}).items():
         gf[col] = value
     return Globals(
@@ -302,8 +347,10 @@ def make_globals(
         chunk_gap_hist=np.zeros(HIST_NUM_BINS, dtype=np.int64),
         gap_hist_win=np.zeros((max(num_windows, 1), WIN_NUM_BINS), dtype=np.int64),
         step_log=np.zeros((max(step_log_capacity, 0), SL_NUM), dtype=np.float64),
-        session_home=np.full(max(num_sessions, 1), -1, dtype=np.int64),
+        session_home=np.full((2, max(num_sessions, 1)), -1, dtype=np.int64),
         route_scratch=np.zeros(max(num_replicas, 1), dtype=np.float64),
+        pool_members=pools[0],
+        pool_sizes=pools[1],
         new_tokens=np.zeros(max_num_seqs, dtype=np.int64),
         context_tokens=np.zeros(max_num_seqs, dtype=np.int64),
     )
