@@ -935,8 +935,6 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
     rpi[rep, RP_N_SCHED] = 0
     if not ok:
         return CORE_ERR_HEAP_FULL
-    if not heap_push(heap, now, EV_SCHEDULE, rep):
-        return CORE_ERR_HEAP_FULL
     return CORE_DONE
 
 
@@ -992,4 +990,13 @@ def run_events(kv, q, p, wl, g, heap, max_events):
             status = _on_step_end(kv, q, p, wl, g, heap, payload, now)
             if status != CORE_DONE:
                 return status
+            # the next batch forms now; events due at this same instant (a child dispatched
+            # with no wait, say) go first, so then the schedule waits its turn as an event
+            if heap.size[0] > 0 and heap.time[0] <= now:
+                if not heap_push(heap, now, EV_SCHEDULE, payload):
+                    return CORE_ERR_HEAP_FULL
+            else:
+                status = _on_schedule(kv, q, p, wl, g, heap, payload, now)
+                if status != CORE_DONE:
+                    return status
     return CORE_DONE
