@@ -13,7 +13,10 @@ from pathlib import Path
 
 import click
 
+import simulator.cli_experiments as cx
+from simulator.cli_calibrate import calibrate_command, validate_steps_command
 from simulator.cli_step import step_command
+from simulator.cli_workload import workload_group
 from simulator.config import ExperimentError, experiment_json_schema, load_experiment
 
 
@@ -182,9 +185,10 @@ def bench(num_requests: int, as_json: bool) -> None:
 
 
 main.add_command(step_command, name="step")
-import simulator.cli_experiments as cx  # noqa: E402
-
 main.add_command(cx.capacity_command)
 main.add_command(cx.sweep_command)
 main.add_command(cx.plot_command)
 main.add_command(cx.trace_command)
+main.add_command(workload_group, name="workload")
+main.add_command(calibrate_command)
+main.add_command(validate_steps_command)

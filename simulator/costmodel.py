@@ -8,8 +8,15 @@ The model is split in two halves, in the style of the rest of the simulator:
 - :func:`step_seconds` (``@njit``) reads that vector plus the batch composition and returns the
   step's predicted duration. It allocates nothing and its work is O(num_seqs).
 
-Per operator group the time is ``max(flops / achievable_flops, bytes / achievable_bandwidth)``;
-the step time is the sum over groups plus a fixed per-step and per-layer overhead.
+Per operator group the time is the two roofline terms, ``flops / achievable_flops`` and
+``bytes / achievable_bandwidth``, combined by a smoothed max ``(c**p + m**p)**(1/p)`` (a GEMM
+near the ridge point is slower than either corner; ``p = gemm_smoothness``), plus fixed
+per-kernel latencies (``gemm_latency_s`` per GEMM kernel per layer, per-sequence and per-token
+terms of the attention kernels) and the elementwise kernels of the group (norms, RoPE, the KV
+write, residual adds, SiLU-and-mul) at their own bandwidth. The step time is the sum over groups
+plus ``step_overhead_s`` (host side) and ``layer_overhead_s`` per layer (the small kernels'
+latencies). Every term is fitted to operator measurements by ``servesim calibrate``
+(:mod:`simulator.calibrate`); ``servesim validate-steps`` checks whole steps against it.
 
 Groups
 ------
@@ -30,7 +37,11 @@ Groups
     decode; more is a prefill chunk. FLOPs: ``flops_per_pair * (new * context + new*(new+1)/2)``
     per layer (causal), i.e. ~``4*heads*head_dim*new*(context + new/2)`` for standard
     attention. Bytes: the KV cache of the ``context + new`` tokens read once and the new
-    tokens' KV written, plus query/output activations.
+    tokens' KV written, plus query/output activations. Fixed terms: prefill, per sequence and
+    per query token (FlashAttention launches one kernel per prefill here); decode, per layer and
+    per sequence. Decode runs at HBM speed while decode sequences x KV heads is below
+    ``attention_decode_split_below`` (the kernel splits the KV over the SMs) and at its own
+    FLOP rate (``attention_decode_efficiency``) above it; MLA has no such rule.
 ``linear_attention``
     the recurrent core of Gated DeltaNet layers: per sequence the fixed state is read and
     written once; per token about ``6 * value_heads * key_dim * value_dim`` FLOPs (decay,
@@ -43,10 +54,13 @@ Groups
     ``2*(tp-1)/tp * bytes / (per-direction NVLink bandwidth * efficiency) + latency`` each.
     Zero when ``tp == 1``.
 
-Activation traffic (reading a matmul's input, writing its output, norms, residual adds,
-SiLU-and-multiply) is added to the bytes of ``qkv_o``, ``mlp`` and ``moe`` as an approximate
-per-token figure. Left out: embedding lookup, sampling, MLA's up-projection of cached latents
-during prefill, kernel-shape effects between the roofline corners.
+GEMM activation traffic (reading a matmul's input, writing its output) is added to the bytes of
+``qkv_o``, ``mlp`` and ``moe``; the elementwise traffic (one read of each input and one write
+of each output of RMSNorm, RoPE, the KV write, residual adds and SiLU-and-mul) is timed apart at
+the elementwise bandwidth and reported as the group's ``elementwise_seconds``. ``moe`` runs at
+``grouped_gemm_efficiency`` of the dense GEMM rate and bandwidth. ``linear_attention`` and
+``allreduce`` keep the plain roofline max (not calibrated). Left out: embedding lookup, sampling,
+MLA's up-projection of cached latents during prefill.
 """
 
 from __future__ import annotations
@@ -64,6 +78,7 @@ __all__ = [
     "GROUP_NAMES",
     "build_cost_params",
     "check_tp",
+    "smooth_max",
     "step_breakdown",
     "step_seconds",
 ]
@@ -107,7 +122,35 @@ P_STEP_OVERHEAD = 31  # seconds per step
 P_LAYER_OVERHEAD = 32  # seconds per layer per step
 P_DECODE_MAX_NEW = 33  # DECODE_MAX_NEW_TOKENS
 P_HEAD_RATE = 34  # achievable GEMM throughput for the bf16 LM head (FLOP/s)
-NUM_PARAMS = 35
+P_GEMM_P = 35  # smoothness exponent of the GEMM compute/memory combination (>= 1)
+P_GEMM_LATENCY = 36  # fixed seconds per GEMM kernel
+P_PROJ_GEMMS = 37  # GEMM kernels of the qkv_o group per step (all layers)
+P_DENSE_GEMMS = 38  # GEMM kernels of the mlp group per step
+P_MOE_GEMMS = 39  # GEMM kernels of the moe group per step (router, grouped experts, shared)
+P_ATTN_PRE_LATENCY = 40  # seconds per prefill sequence per full-attention layer
+P_ATTN_PRE_TOKEN = 41  # seconds per prefill query token per full-attention layer
+P_ATTN_DEC_LATENCY = 42  # seconds per full-attention layer when the batch has decodes
+P_ATTN_DEC_SEQ = 43  # seconds per decode sequence per full-attention layer
+P_ATTN_DEC_RATE = 44  # achievable KV-read bandwidth of decode attention (bytes/s)
+P_ELEM_RATE = 45  # achievable bandwidth of elementwise kernels (bytes/s)
+P_PROJ_ELEM_BYTES = 46  # elementwise bytes per token, attention side, all layers
+P_DENSE_ELEM_BYTES = 47  # elementwise bytes per token, dense-MLP side, all dense layers
+P_MOE_ELEM_BYTES = 48  # elementwise bytes per token, MoE side, all MoE layers
+P_GROUPED_EFF = 49  # grouped expert GEMMs: fraction of dense GEMM rate and bandwidth
+P_ATTN_DEC_FLOP_RATE = 50  # decode attention FLOP/s when the KV is not split (large batches)
+P_ATTN_DEC_SPLIT_BELOW = 51  # decode seqs x KV heads below which the kernel splits the KV
+P_KV_HEADS_GPU = 52  # KV heads per GPU of GQA attention (0 for MLA: no split rule)
+NUM_PARAMS = 53
+
+#: GEMM kernels per layer: fused qkv + o; fused gate_up + down; router + 2 grouped expert
+#: GEMMs (+2 for shared experts); Gated DeltaNet in_proj_qkvz + in_proj_ba + out_proj;
+#: MLA q (or q_a + q_b), kv_a, kv_b, o.
+GEMMS_FULL_ATTENTION = 2
+GEMMS_MLA = 5
+GEMMS_LINEAR_ATTENTION = 3
+GEMMS_DENSE_MLP = 2
+GEMMS_MOE = 3
+GEMMS_SHARED_EXPERTS = 2
 
 #: Operator groups, in the order :func:`step_breakdown` reports them.
 GROUP_NAMES = (
@@ -190,14 +233,17 @@ def build_cost_params(
         + n_lin * model.linear_attention_matmul_params()
     ) / tp
     p[P_PROJ_PARAMS] = proj
-    # per matmul: input + output activations (2h + P/h over a layer's two matmuls),
-    # plus two RMSNorms and two residual adds (about 4h read+written)
-    p[P_PROJ_ACT_BYTES] = act * (model.num_layers * 6.0 * h + proj / h)
+    # GEMM inputs and outputs per token (sum of K + N over a layer's projections)
+    p[P_PROJ_ACT_BYTES] = act * (model.num_layers * 2.0 * h + proj / h)
+    p[P_PROJ_GEMMS] = n_full * (GEMMS_MLA if model.is_mla else GEMMS_FULL_ATTENTION)
+    p[P_PROJ_GEMMS] += n_lin * GEMMS_LINEAR_ATTENTION
 
     dense = n_dense * model.dense_mlp_params() / tp
     p[P_DENSE_PARAMS] = dense
-    # gate/up in, gate/up out, SiLU*mul, down in/out: about 2h + 2P/h per layer
-    p[P_DENSE_ACT_BYTES] = act * (n_dense * 2.0 * h + 2.0 * dense / h)
+    p[P_DENSE_ACT_BYTES] = act * (n_dense * 2.0 * h + dense / h)
+    p[P_DENSE_GEMMS] = n_dense * GEMMS_DENSE_MLP
+    # RMSNorm (read + write h), residual add (2 reads + 1 write of h), SiLU-and-mul (3 f)
+    p[P_DENSE_ELEM_BYTES] = act * n_dense * (5.0 * h + 3.0 * model.intermediate_size / tp)
 
     p[P_NUM_MOE_LAYERS] = n_moe
     if n_moe:
@@ -214,6 +260,14 @@ def build_cost_params(
             * n_moe
             * (copies * 2.0 * h + 2.0 * (model.num_experts_per_tok * expert + shared) / h)
         )
+        p[P_MOE_GEMMS] = n_moe * (
+            GEMMS_MOE + (GEMMS_SHARED_EXPERTS if model.num_shared_experts else 0)
+        )
+        widths = (
+            model.num_experts_per_tok * model.moe_intermediate_size
+            + model.num_shared_experts * model.shared_expert_intermediate_size
+        )
+        p[P_MOE_ELEM_BYTES] = act * n_moe * (5.0 * h + 3.0 * widths / tp)
 
     heads = model.num_attention_heads / tp
     p[P_NUM_KV_LAYERS] = n_full
@@ -229,6 +283,13 @@ def build_cost_params(
         kv_heads_gpu = max(1, model.num_kv_heads // tp)
         p[P_KV_BYTES_PER_TOKEN_LAYER] = 2.0 * kv_heads_gpu * model.head_dim * kvb
     p[P_ATTN_ACT_BYTES] = act * heads * (model.qk_head_dim + model.attn_v_head_dim)
+    # attention side, every layer: RMSNorm (2h) and residual add (3h); full-attention layers
+    # also RoPE on q and k (read + write) and the KV-cache write (read + write)
+    kv_heads_rope = 0.0 if model.is_mla else max(1, model.num_kv_heads // tp)
+    rope = 0.0 if model.is_mla else act * 2.0 * (heads + kv_heads_rope) * model.head_dim
+    p[P_PROJ_ELEM_BYTES] = act * model.num_layers * 5.0 * h + n_full * (
+        rope + 2.0 * p[P_KV_BYTES_PER_TOKEN_LAYER]
+    )
 
     p[P_NUM_LINEAR_LAYERS] = n_lin
     if n_lin:
@@ -250,19 +311,41 @@ def build_cost_params(
     p[P_LAYER_OVERHEAD] = hw.layer_overhead_s
     p[P_DECODE_MAX_NEW] = DECODE_MAX_NEW_TOKENS
     p[P_HEAD_RATE] = hw.matmul_rate("bf16")
+    p[P_GEMM_P] = hw.gemm_smoothness
+    p[P_GEMM_LATENCY] = hw.gemm_latency_s
+    p[P_ATTN_PRE_LATENCY] = hw.attention_prefill_latency_s
+    p[P_ATTN_PRE_TOKEN] = hw.attention_prefill_token_s
+    p[P_ATTN_DEC_LATENCY] = hw.attention_decode_latency_s
+    p[P_ATTN_DEC_SEQ] = hw.attention_decode_seq_s
+    p[P_ATTN_DEC_RATE] = hw.hbm_bandwidth * hw.attention_decode_bandwidth_efficiency
+    p[P_ELEM_RATE] = hw.hbm_bandwidth * hw.elementwise_bandwidth_efficiency
+    p[P_GROUPED_EFF] = hw.grouped_gemm_efficiency
+    p[P_ATTN_DEC_FLOP_RATE] = hw.peak_flops.bf16 * hw.attention_decode_efficiency
+    p[P_ATTN_DEC_SPLIT_BELOW] = hw.attention_decode_split_below
+    p[P_KV_HEADS_GPU] = 0.0 if model.is_mla else max(1, model.num_kv_heads // tp)
     return p
 
 
 @numba.njit(cache=True)
-def _roofline(flops, nbytes, flop_rate, byte_rate):
-    return max(flops / flop_rate, nbytes / byte_rate)
+def smooth_max(a, b, p):
+    """``(a**p + b**p) ** (1/p)`` for a, b >= 0: the larger of the two, rounded up where they
+    are close (p = 1: their sum; p -> infinity: the plain roofline max)."""
+    hi = max(a, b)
+    if hi <= 0.0:
+        return 0.0
+    lo = min(a, b)
+    if p >= 64.0:
+        return hi
+    return hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
 
 
 @numba.njit(cache=True)
 def _step_terms(params, new_tokens, context_tokens, num_seqs):
-    """FLOPs and bytes of every group, in GROUP_NAMES order, plus the overhead (seconds).
+    """FLOPs and bytes of every group, in GROUP_NAMES order, the overhead (seconds) and the
+    batch counts the fixed costs need.
 
-    Returns a flat tuple: (f0, b0, f1, b1, ..., f7, b7, overhead). No allocation.
+    Returns a flat tuple: (f0, b0, f1, b1, ..., f7, b7, overhead, total_tokens,
+    prefill_seqs, prefill_tokens, decode_seqs). No allocation.
     """
     h = params[P_HIDDEN]
     tp = params[P_TP]
@@ -280,6 +363,9 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
 
     total = 0.0
     rows = 0.0
+    n_pre = 0.0
+    pre_tok = 0.0
+    n_dec = 0.0
     ap_f = 0.0
     ap_b = 0.0
     ad_f = 0.0
@@ -298,15 +384,18 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
         if q <= decode_max:
             ad_f += n_kv * f_dec * pairs
             ad_b += kv_bytes
+            n_dec += 1.0
         else:
             ap_f += n_kv * f_pre * pairs
             ap_b += kv_bytes
+            n_pre += 1.0
+            pre_tok += q
         if n_lin > 0.0:
             la_f += n_lin * lin_flops * q
             la_b += n_lin * (2.0 * lin_state + 2.0 * act * h * q / tp)
 
     if total <= 0.0:  # nothing to compute: no step, no cost
-        return (0.0,) * 16 + (0.0,)
+        return (0.0,) * 16 + (0.0, 0.0, 0.0, 0.0, 0.0)
 
     proj = params[P_PROJ_PARAMS]
     qkv_f = 2.0 * total * proj
@@ -319,7 +408,7 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
     moe_f = 0.0
     moe_b = 0.0
     n_moe = params[P_NUM_MOE_LAYERS]
-    if n_moe > 0.0 and total > 0.0:
+    if n_moe > 0.0:
         e = params[P_NUM_EXPERTS]
         k = params[P_TOP_K]
         expert = params[P_EXPERT_PARAMS]
@@ -336,7 +425,7 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
 
     ar_f = 0.0
     ar_b = 0.0
-    if tp > 1.0 and total > 0.0:
+    if tp > 1.0:
         ar_b = 2.0 * params[P_NUM_LAYERS] * 2.0 * (tp - 1.0) / tp * total * h * act
 
     overhead = params[P_STEP_OVERHEAD] + params[P_LAYER_OVERHEAD] * params[P_NUM_LAYERS]
@@ -358,27 +447,54 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
         ar_f,
         ar_b,
         overhead,
+        total,
+        n_pre,
+        pre_tok,
+        n_dec,
     )
 
 
 @numba.njit(cache=True)
 def _group_times(params, terms):
-    """(compute_seconds, memory_seconds) of each group, as two 8-tuples."""
+    """Per group, as four 8-tuples: compute seconds, memory seconds (the two roofline terms),
+    fixed seconds (per-kernel latencies, all-reduce latency) and elementwise seconds."""
     mm = params[P_MATMUL_RATE]
     at = params[P_ATTN_RATE]
     mem = params[P_MEM_RATE]
     head_rate = params[P_HEAD_RATE]
-    ar_bw = params[P_AR_BANDWIDTH]
-    n_ar = 2.0 * params[P_NUM_LAYERS]
+    g_eff = params[P_GROUPED_EFF]
+    dec_bw = params[P_ATTN_DEC_RATE]
+    elem = params[P_ELEM_RATE]
+    lat = params[P_GEMM_LATENCY]
+    n_kv = params[P_NUM_KV_LAYERS]
+    total = terms[17]
+    n_pre = terms[18]
+    pre_tok = terms[19]
+    n_dec = terms[20]
+
     ar_time = 0.0
+    ar_fixed = 0.0
     if terms[15] > 0.0:
-        ar_time = terms[15] / ar_bw + n_ar * params[P_AR_LATENCY]
+        ar_time = terms[15] / params[P_AR_BANDWIDTH]
+        ar_fixed = 2.0 * params[P_NUM_LAYERS] * params[P_AR_LATENCY]
+    has_moe = 1.0 if terms[4] > 0.0 else 0.0
+    has_dense = 1.0 if terms[2] > 0.0 else 0.0
+    has_head = 1.0 if terms[12] > 0.0 else 0.0
+    # decode attention: with few sequences x KV heads the kernel splits the KV over the SMs
+    # and streams at HBM speed; with many it runs one block per (sequence, KV head) and is
+    # bound by its own throughput (a FLOP rate of its own)
+    dec_rate = params[P_ATTN_RATE]
+    if n_dec * params[P_KV_HEADS_GPU] >= params[P_ATTN_DEC_SPLIT_BELOW] > 0.0:
+        dec_rate = params[P_ATTN_DEC_FLOP_RATE]
+    dec_fixed = 0.0
+    if n_dec > 0.0:
+        dec_fixed = n_kv * (params[P_ATTN_DEC_LATENCY] + n_dec * params[P_ATTN_DEC_SEQ])
     compute = (
         terms[0] / mm,
         terms[2] / mm,
-        terms[4] / mm,
+        terms[4] / (mm * g_eff) if has_moe > 0.0 else 0.0,
         terms[6] / at,
-        terms[8] / at,
+        terms[8] / dec_rate,
         terms[10] / at,
         terms[12] / head_rate,
         0.0,
@@ -386,14 +502,44 @@ def _group_times(params, terms):
     memory = (
         terms[1] / mem,
         terms[3] / mem,
-        terms[5] / mem,
-        terms[7] / mem,
-        terms[9] / mem,
+        terms[5] / (mem * g_eff) if has_moe > 0.0 else 0.0,
+        terms[7] / dec_bw,
+        terms[9] / dec_bw,
         terms[11] / mem,
         terms[13] / mem,
         ar_time,
     )
-    return compute, memory
+    fixed = (
+        params[P_PROJ_GEMMS] * lat if total > 0.0 else 0.0,
+        params[P_DENSE_GEMMS] * lat * has_dense,
+        params[P_MOE_GEMMS] * lat * has_moe,
+        n_kv * (n_pre * params[P_ATTN_PRE_LATENCY] + pre_tok * params[P_ATTN_PRE_TOKEN]),
+        dec_fixed,
+        0.0,
+        lat * has_head,
+        ar_fixed,
+    )
+    elementwise = (
+        total * params[P_PROJ_ELEM_BYTES] / elem,
+        total * params[P_DENSE_ELEM_BYTES] / elem,
+        total * params[P_MOE_ELEM_BYTES] / elem,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
+    return compute, memory, fixed, elementwise
+
+
+@numba.njit(cache=True)
+def _group_seconds(params, g, compute, memory, fixed, elementwise):
+    """Seconds of group ``g``: the two roofline terms combined, plus fixed and elementwise."""
+    if g == G_LINEAR or g == G_ALLREDUCE:  # not calibrated: plain roofline
+        core = max(compute[g], memory[g])
+    else:
+        core = smooth_max(compute[g], memory[g], params[P_GEMM_P])
+    return core + fixed[g] + elementwise[g]
 
 
 @numba.njit(cache=True)
@@ -406,10 +552,12 @@ def step_seconds(params, new_tokens, context_tokens, num_seqs):
     :func:`build_cost_params`. A batch with no new tokens costs 0.
     """
     terms = _step_terms(params, new_tokens, context_tokens, num_seqs)
-    compute, memory = _group_times(params, terms)
+    if terms[17] <= 0.0:
+        return 0.0
+    compute, memory, fixed, elementwise = _group_times(params, terms)
     seconds = terms[16]
     for g in range(8):
-        seconds += max(compute[g], memory[g])
+        seconds += _group_seconds(params, g, compute, memory, fixed, elementwise)
     return seconds
 
 
@@ -417,7 +565,9 @@ def step_breakdown(params: np.ndarray, new_tokens, context_tokens) -> dict:
     """Per-group breakdown of :func:`step_seconds` (same numbers, same summation order).
 
     Returns ``{"seconds", "overhead_seconds", "groups": {name: {"seconds",
-    "compute_seconds", "memory_seconds", "bound", "flops", "bytes"}}}``; ``seconds`` equals
+    "compute_seconds", "memory_seconds", "fixed_seconds", "elementwise_seconds", "bound",
+    "flops", "bytes"}}}``; a group's ``seconds`` is its compute and memory terms combined
+    (a smoothed max) plus its fixed and elementwise seconds; ``seconds`` equals
     ``step_seconds(params, new_tokens, context_tokens, len(new_tokens))``.
     """
     new = np.ascontiguousarray(new_tokens, dtype=np.int64)
@@ -426,16 +576,19 @@ def step_breakdown(params: np.ndarray, new_tokens, context_tokens) -> dict:
         raise ValueError("new_tokens and context_tokens must be 1-D arrays of the same length")
     n = int(new.shape[0])
     terms = _step_terms(params, new, ctx, n)
-    compute, memory = _group_times(params, terms)
+    compute, memory, fixed, elementwise = _group_times(params, terms)
+    empty = terms[17] <= 0.0
     groups = {}
-    seconds = terms[16]
+    seconds = 0.0 if empty else terms[16]
     for g, name in enumerate(GROUP_NAMES):
-        t = max(compute[g], memory[g])
+        t = 0.0 if empty else _group_seconds(params, g, compute, memory, fixed, elementwise)
         seconds += t
         groups[name] = {
             "seconds": t,
             "compute_seconds": compute[g],
             "memory_seconds": memory[g],
+            "fixed_seconds": fixed[g],
+            "elementwise_seconds": elementwise[g],
             "bound": "compute" if compute[g] > memory[g] else "memory",
             "flops": terms[2 * g],
             "bytes": terms[2 * g + 1],
@@ -443,4 +596,4 @@ def step_breakdown(params: np.ndarray, new_tokens, context_tokens) -> dict:
     total = float(step_seconds(params, new, ctx, n))
     if not math.isclose(seconds, total, rel_tol=1e-12, abs_tol=0.0):
         raise AssertionError(f"breakdown {seconds} != step_seconds {total}")  # pragma: no cover
-    return {"seconds": total, "overhead_seconds": terms[16], "groups": groups}
+    return {"seconds": total, "overhead_seconds": 0.0 if empty else terms[16], "groups": groups}

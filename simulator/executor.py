@@ -56,8 +56,13 @@ def warm_up() -> None:
 class TaskRunner:
     """A context manager that runs tasks locally or on a Dask cluster."""
 
-    def __init__(self, scheduler: str | None = None, workers: int | None = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, progress: bool | None = None):
+    def __init__(
+        self,
+        scheduler: str | None = None,
+        workers: int | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        progress: bool | None = None,
+    ):
         if workers is not None and workers < 1:
             raise ExecutorError(f"--workers: must be >= 1 (got {workers})")
         self.scheduler = scheduler
@@ -138,7 +143,8 @@ class TaskRunner:
 
         futures = self._client.map(fn, tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
-        for n, fut in enumerate(as_completed(futures), start=1):
+        done = as_completed(futures, loop=self._client.loop)
+        for n, fut in enumerate(done, start=1):
             results[index[fut.key]] = fut.result()
             bar.update(n)
 

@@ -65,7 +65,24 @@ class HardwareProfile(BaseModel):
     allreduce_efficiency: float = Field(gt=0, le=1)  # of per-direction NVLink bandwidth
     allreduce_latency_s: float = Field(ge=0)  # fixed cost of one all-reduce (seconds)
 
-    calibrated: bool = False  # True when efficiencies were fitted to measurements on this GPU
+    # kernel-shape terms between the roofline corners (see simulator/costmodel.py)
+    gemm_smoothness: float = Field(ge=1, le=64)  # p of (compute^p + memory^p)^(1/p)
+    gemm_latency_s: float = Field(ge=0)  # fixed cost of one GEMM kernel (seconds)
+    grouped_gemm_efficiency: float = Field(gt=0, le=1)  # grouped expert GEMMs vs dense GEMMs
+    attention_prefill_latency_s: float = Field(ge=0)  # per prefill sequence per layer (s)
+    attention_prefill_token_s: float = Field(ge=0)  # per prefill query token per layer (s)
+    attention_decode_latency_s: float = Field(ge=0)  # per layer with decodes (s)
+    attention_decode_seq_s: float = Field(ge=0)  # per decode sequence per layer (s)
+    attention_decode_bandwidth_efficiency: float = Field(gt=0, le=1)  # KV read, of hbm_bandwidth
+    attention_decode_efficiency: float = Field(gt=0, le=1)  # of bf16 peak, unsplit decode kernel
+    attention_decode_split_below: float = Field(
+        ge=0
+    )  # decode seqs x KV heads under which KV splits
+    elementwise_bandwidth_efficiency: float = Field(gt=0, le=1)  # norms, SiLU, adds; of hbm bw
+    elementwise_latency_s: float = Field(ge=0)  # fixed cost of one small elementwise kernel (s)
+
+    calibrated: bool = False  # True when fitted and validate-steps meets its targets here
+    calibration: dict[str, Any] | None = None  # where the fit came from, residuals per group
     sources: dict[str, str]
 
     @model_validator(mode="after")
@@ -79,7 +96,7 @@ class HardwareProfile(BaseModel):
         """Dotted names of every number in the profile (each needs a source)."""
         names = []
         for field, value in self:
-            if field in ("name", "calibrated", "sources"):
+            if field in ("name", "calibrated", "calibration", "sources"):
                 continue
             if isinstance(value, PeakFlops):
                 names += [f"peak_flops.{k}" for k, v in value if v is not None]

@@ -42,15 +42,18 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from simulator.config import Experiment, ExperimentError, parse_experiment
 from simulator.workload.compile import format_validation_error
+
+#: a grid axis: a list of values, or a mapping {name: value} (the names label the points)
+GridAxis = list[Any] | dict[str, Any]
 
 # ------------------------------------------------------------------------------------ errors
 
@@ -160,6 +163,10 @@ class SLO(BaseModel):
         return self.limit / v if v > 0 else math.inf
 
 
+#: an SLO field item: a string or a mapping, parsed by :meth:`SLO.parse`
+SLOItem = Annotated[SLO, BeforeValidator(SLO.parse)]
+
+
 def format_metric(metric: str, value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -212,25 +219,69 @@ def _with_arrival_rate(spec, rate: float, count_field: str, duration_s: float | 
 
 def _scale_requests(spec, unit: str, value: float, duration_s: float | None):
     if unit == "concurrent_sessions":
-        raise LoadError("workload kind 'requests' has open-loop arrivals: "
-                        "load unit 'concurrent_sessions' needs a closed-loop arrival")
+        raise LoadError(
+            "workload kind 'requests' has open-loop arrivals: "
+            "load unit 'concurrent_sessions' needs a closed-loop arrival"
+        )
     # one request per session: every unit but concurrency is the arrival rate
     return _with_arrival_rate(spec, value, "num_requests", duration_s)
 
 
 def _scale_sessions(spec, unit: str, value: float, duration_s: float | None):
     if unit == "concurrent_sessions":
-        raise LoadError("workload kind 'sessions' has open-loop session arrivals: "
-                        "load unit 'concurrent_sessions' needs a closed-loop arrival")
+        raise LoadError(
+            "workload kind 'sessions' has open-loop session arrivals: "
+            "load unit 'concurrent_sessions' needs a closed-loop arrival"
+        )
     if unit in ("requests_per_s", "rho"):
         value = value / requests_per_session(spec)
     return _with_arrival_rate(spec, value, "num_sessions", duration_s)
+
+
+def _scale_traffic(spec, unit: str, value: float, duration_s: float | None):
+    """Kinds whose sessions start under a ``traffic`` model (``agentic``, ``trace``)."""
+    old = spec.traffic.model_dump() if spec.traffic is not None else {}
+    mode = old.get("mode")
+    keep = {k: old[k] for k in ("wrap", "shuffle", "max_sessions", "duration_s") if k in old}
+    if unit == "concurrent_sessions":
+        sessions = max(int(round(value)), 1)
+        new = keep | {
+            "mode": "concurrent",
+            "sessions": sessions,
+            "rampup_s": old.get("rampup_s", 0.0) if mode == "concurrent" else 0.0,
+        }
+        if mode == "concurrent" and old.get("max_sessions"):
+            # as many "generations" of sessions at every concurrency
+            new["max_sessions"] = max(
+                int(round(old["max_sessions"] * sessions / old["sessions"])), sessions
+            )
+        new.pop("duration_s", None)  # closed-loop runs are sized by max_sessions
+    else:
+        new = keep | {"mode": "rate"}
+        if mode == "rate":
+            new |= {"process": old.get("process", "poisson"), "cv": old.get("cv", 1.0)}
+        if unit in ("requests_per_s", "rho") or (
+            unit == "rate" and mode == "rate" and old.get("requests_per_s") is not None
+        ):
+            new["requests_per_s"] = float(value)
+        else:
+            new["sessions_per_s"] = float(value)
+        if duration_s is not None:
+            new["duration_s"] = float(duration_s)
+            new.pop("max_sessions", None)
+    data = spec.model_dump() | {"traffic": new}
+    try:
+        return type(spec).model_validate(data)
+    except ValidationError as err:
+        raise LoadError(format_validation_error("workload", err, data)) from None
 
 
 #: kind -> scaler(spec, unit, value, duration_s) returning a new spec. Add new kinds here.
 LOAD_SCALERS: dict[str, Callable[..., Any]] = {
     "requests": _scale_requests,
     "sessions": _scale_sessions,
+    "agentic": _scale_traffic,
+    "trace": _scale_traffic,
 }
 
 
@@ -279,8 +330,9 @@ def requests_per_session(spec, seed: int = 0) -> float:
     return _RPS_CACHE[key]
 
 
-def with_load(exp: Experiment, value: float, unit: str, duration_s: float | None = None
-              ) -> Experiment:
+def with_load(
+    exp: Experiment, value: float, unit: str, duration_s: float | None = None
+) -> Experiment:
     return exp.model_copy(update={"workload": scale_load(exp.workload, value, unit, duration_s)})
 
 
@@ -332,8 +384,9 @@ def _assign(node: Any, part: str, value: Any, path: str) -> None:
         node[part] = value
 
 
-def apply_overrides(exp: Experiment, overrides: dict[str, Any], source: str = "<study>"
-                    ) -> Experiment:
+def apply_overrides(
+    exp: Experiment, overrides: dict[str, Any], source: str = "<study>", base: Path | None = None
+) -> Experiment:
     """``exp`` with dotted fields set (``engine.tp: 2``, ``workload.arrival.rate: 3``, aliases
     from :data:`FIELD_ALIASES`); the result is validated like an experiment file."""
     if not overrides:
@@ -345,7 +398,7 @@ def apply_overrides(exp: Experiment, overrides: dict[str, Any], source: str = "<
             _set_path(data, path, value)
         except StudyError as exc:
             raise StudyError(f"{source}: {key}: {exc} (got {value!r})") from None
-    return parse_experiment(data, f"{source} ({_label(overrides)})")
+    return parse_experiment(data, f"{source} ({_label(overrides)})", base)
 
 
 def _label(overrides: dict[str, Any]) -> str:
@@ -374,9 +427,11 @@ class LoadRange(_Model):
     low: float = Field(gt=0, allow_inf_nan=False)
     high: float = Field(gt=0, allow_inf_nan=False)
     duration_s: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None,
+        gt=0,
+        allow_inf_nan=False,
         description="arrivals span this many seconds at every load (workload resized); "
-                    "omit to keep the workload's own size",
+        "omit to keep the workload's own size",
     )
 
 
@@ -400,27 +455,20 @@ class CapacityStudy(_Model):
     name: str = "capacity"
     experiment: Any  # path (relative to the study file) or inline mapping; resolved on load
     set: dict[str, Any] = Field(default_factory=dict, description="dotted field overrides")
-    grid: dict[str, list[Any]] = Field(
+    grid: dict[str, GridAxis] = Field(
         default_factory=dict, description="one search per combination (dotted fields)"
     )
     load: LoadRange
-    slos: list[SLO] = Field(min_length=1)
+    slos: list[SLOItem] = Field(min_length=1)
     search: SearchOptions = Field(default_factory=SearchOptions)
     fleet: FleetOptions | None = None
     steady_state: bool = True
     seed: int | None = Field(None, ge=0)
     outputs: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("slos", mode="before")
-    @classmethod
-    def _parse_slos(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            raise ValueError(f"expected a list of SLOs (got {v!r})")
-        return [SLO.parse(item) for item in v]
-
     @field_validator("grid")
     @classmethod
-    def _grid_nonempty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _grid_nonempty(cls, v: dict[str, GridAxis]) -> dict[str, GridAxis]:
         for key, values in v.items():
             if not values:
                 raise ValueError(f"grid axis {key!r} has no values")
@@ -469,12 +517,47 @@ def validate_study(model: type[BaseModel], data: dict, source: str) -> Any:
         raise StudyError(format_validation_error(source, err, data)) from None
 
 
-def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class GridPoint:
+    """One combination of a grid: the field ``values`` to set and the ``names`` to show (a
+    mapping axis ``{name: value}`` shows its names, a list axis its values)."""
+
+    values: dict[str, Any]
+    names: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return _label(self.names) or "base"
+
+
+def axis_items(values: GridAxis) -> list[tuple[Any, Any]]:
+    """(name, value) pairs of a grid axis."""
+    if isinstance(values, dict):
+        return [(str(k), v) for k, v in values.items()]
+    return [(v, v) for v in values]
+
+
+def grid_points(grid: dict[str, GridAxis]) -> list[GridPoint]:
     """Every combination of the grid's axes, in a fixed order (first axis slowest)."""
-    points: list[dict[str, Any]] = [{}]
-    for key, values in grid.items():
-        points = [p | {key: v} for p in points for v in values]
+    points = [GridPoint({}, {})]
+    for key, axis in grid.items():
+        points = [
+            GridPoint(p.values | {key: v}, p.names | {key: n})
+            for p in points
+            for n, v in axis_items(axis)
+        ]
     return points
+
+
+def check_axes(exp: Experiment, grid: dict[str, GridAxis], source: str, base: Path | None) -> None:
+    """Every value of every axis must make a valid experiment on its own (a typo in a field
+    name fails the study here; a combination that cannot run is reported per point)."""
+    for key, axis in grid.items():
+        for _, value in axis_items(axis):
+            try:
+                apply_overrides(exp, {key: value}, source, base)
+            except ExperimentError as exc:
+                raise StudyError(str(exc).splitlines()[0]) from None
 
 
 def load_capacity_study(path: str | Path) -> tuple[CapacityStudy, Experiment]:
@@ -483,10 +566,12 @@ def load_capacity_study(path: str | Path) -> tuple[CapacityStudy, Experiment]:
     study = validate_study(CapacityStudy, data, str(path))
     exp = resolve_experiment(study.experiment, path.parent, str(path))
     if study.load.low >= study.load.high:
-        raise StudyError(f"{path}: load: low ({study.load.low:g}) must be below high "
-                         f"({study.load.high:g})")
+        raise StudyError(
+            f"{path}: load: low ({study.load.low:g}) must be below high ({study.load.high:g})"
+        )
     try:
-        exp = apply_overrides(exp, study.set, f"{path}: set")
+        exp = apply_overrides(exp, study.set, f"{path}: set", path.parent)
+        check_axes(exp, study.grid, f"{path}: grid", path.parent)
         if study.seed is not None:
             exp = exp.model_copy(update={"seed": study.seed})
         scale_load(exp.workload, study.load.low, study.load.unit, study.load.duration_s)
@@ -508,6 +593,27 @@ class PointTask:
     duration_s: float | None
     seed: int
     steady: bool = True
+    keep_requests: bool = False
+
+
+#: decode overlap reported per point: share of decode-active time with >= k concurrent decodes
+OVERLAP_KS = (2, 4, 8, 16, 32)
+
+
+def decode_overlap_shares(decode_seconds_by_count: np.ndarray) -> dict[str, float]:
+    """``decode_overlap_ge{k}`` (whole run, all replicas) and the time-weighted mean number of
+    concurrent decodes while any decode runs."""
+    by_k = np.asarray(decode_seconds_by_count, dtype=np.float64)
+    by_k = by_k.sum(axis=0) if by_k.ndim == 2 else by_k
+    out = {f"decode_overlap_ge{k}": float("nan") for k in OVERLAP_KS}
+    out["mean_concurrent_decodes"] = float("nan")
+    if by_k.size < 2 or by_k[1:].sum() <= 0:
+        return out
+    total = by_k[1:].sum()
+    for k in OVERLAP_KS:
+        out[f"decode_overlap_ge{k}"] = float(by_k[k:].sum() / total) if k < by_k.size else 0.0
+    out["mean_concurrent_decodes"] = float((np.arange(by_k.size) * by_k)[1:].sum() / total)
+    return out
 
 
 def evaluate_point(task: PointTask) -> dict:
@@ -529,6 +635,9 @@ def evaluate_point(task: PointTask) -> dict:
         return {"error": str(exc).splitlines()[0]}
     s["wall_seconds"] = result.wall_seconds
     s["run_num_requests"] = int(len(result.requests))
+    s |= decode_overlap_shares(result.decode_seconds_by_count)
+    if task.keep_requests:
+        s["requests"] = result.requests
     return s
 
 
@@ -562,8 +671,13 @@ class CapacityResult:
     def trace_table(self, slos: list[SLO] | None = None) -> pd.DataFrame:
         rows = []
         for p in self.probes:
-            row = {"probe": p.index, "load": p.load, "healthy": p.healthy,
-                   "seeds": len(p.seeds), "healthy_seeds": p.healthy_seeds}
+            row = {
+                "probe": p.index,
+                "load": p.load,
+                "healthy": p.healthy,
+                "seeds": len(p.seeds),
+                "healthy_seeds": p.healthy_seeds,
+            }
             for s in slos or []:
                 row[s.metric] = p.metrics.get(s.metric, float("nan"))
             row["stable"] = p.metrics.get("stable")
@@ -590,8 +704,16 @@ def _median_metrics(summaries: list[dict]) -> dict:
 class _Evaluator:
     """Runs probes (with repeats near the boundary) through a TaskRunner."""
 
-    def __init__(self, exp: Experiment, study_load: LoadRange, slos: list[SLO],
-                 opts: SearchOptions, steady: bool, runner, label: str):
+    def __init__(
+        self,
+        exp: Experiment,
+        study_load: LoadRange,
+        slos: list[SLO],
+        opts: SearchOptions,
+        steady: bool,
+        runner,
+        label: str,
+    ):
         self.exp, self.load, self.slos, self.opts = exp, study_load, slos, opts
         self.steady, self.runner, self.label = steady, runner, label
         self.seed = exp.seed
@@ -605,8 +727,11 @@ class _Evaluator:
         return [s.metric for s in self.slos if abs(s.ratio(summary) - 1.0) <= m]
 
     def evaluate(self, loads: list[float], round_note: str = "") -> list[Probe]:
-        first = self.runner.map(evaluate_point, [self._task(x, self.seed) for x in loads],
-                                label=f"{self.label}: probing")
+        first = self.runner.map(
+            evaluate_point,
+            [self._task(x, self.seed) for x in loads],
+            label=f"{self.label}: probing",
+        )
         for s in first:
             if "error" in s:
                 raise StudyError(s["error"])
@@ -621,7 +746,7 @@ class _Evaluator:
             if i in repeat_idx:
                 k = repeat_idx.index(i)
                 n = len(extra_seeds)
-                summaries += more[k * n:(k + 1) * n]
+                summaries += more[k * n : (k + 1) * n]
                 near = ", ".join(self._near(s))
             oks = [not check_slos(self.slos, x) for x in summaries]
             n_ok = sum(oks)
@@ -635,9 +760,16 @@ class _Evaluator:
             violations = check_slos(self.slos, metrics) if not healthy else []
             if not healthy and not violations:  # majority unhealthy, medians on the line
                 violations = sorted({v for x in summaries for v in check_slos(self.slos, x)})
-            probe = Probe(len(self.probes) + 1, float(load), healthy,
-                          [self.seed] + (extra_seeds if len(summaries) > 1 else []),
-                          n_ok, metrics, violations, note)
+            probe = Probe(
+                len(self.probes) + 1,
+                float(load),
+                healthy,
+                [self.seed] + (extra_seeds if len(summaries) > 1 else []),
+                n_ok,
+                metrics,
+                violations,
+                note,
+            )
             self.probes.append(probe)
             probes.append(probe)
         return probes
@@ -646,14 +778,23 @@ class _Evaluator:
 def _first_failed(slos: list[SLO], probe: Probe) -> str | None:
     if not probe.violations:
         return None
-    worst = max((s for s in slos if str(s) in probe.violations),
-                key=lambda s: s.ratio(probe.metrics), default=None)
+    worst = max(
+        (s for s in slos if str(s) in probe.violations),
+        key=lambda s: s.ratio(probe.metrics),
+        default=None,
+    )
     return str(worst) if worst is not None else probe.violations[0]
 
 
-def capacity_search(exp: Experiment, load: LoadRange, slos: list[SLO],
-                    opts: SearchOptions | None = None, steady: bool = True, runner=None,
-                    label: str = "capacity") -> CapacityResult:
+def capacity_search(
+    exp: Experiment,
+    load: LoadRange,
+    slos: list[SLO],
+    opts: SearchOptions | None = None,
+    steady: bool = True,
+    runner=None,
+    label: str = "capacity",
+) -> CapacityResult:
     """Highest healthy load in [load.low, load.high] (see the module docstring)."""
     import time
 
@@ -667,10 +808,19 @@ def capacity_search(exp: Experiment, load: LoadRange, slos: list[SLO],
     try:
         ev = _Evaluator(exp, load, slos, opts, steady, runner, label)
         notes: list[str] = []
+        if load.unit == "concurrent_sessions":
+            load = load.model_copy(
+                update={
+                    "low": float(max(round(load.low), 1)),
+                    "high": float(max(round(load.high), 2)),
+                }
+            )
         lo_p, hi_p = ev.evaluate([load.low, load.high], "range ends")
         if not lo_p.healthy:
-            notes.append(f"the lower end {load.low:g} is already unhealthy "
-                         f"({'; '.join(lo_p.violations)}): no healthy load in the range")
+            notes.append(
+                f"the lower end {load.low:g} is already unhealthy "
+                f"({'; '.join(lo_p.violations)}): no healthy load in the range"
+            )
             return _finish(ev, "low_unhealthy", None, lo_p, slos, load, notes, t0)
         expansions = 0
         while hi_p.healthy and expansions < opts.expand and len(ev.probes) < opts.max_probes:
@@ -683,9 +833,19 @@ def capacity_search(exp: Experiment, load: LoadRange, slos: list[SLO],
             notes.append(f"still healthy at {hi_p.load:g}: capacity is at least that")
             return _finish(ev, "high_healthy", hi_p, None, slos, load, notes, t0)
         k = opts.probes_per_round
-        while hi_p.load / lo_p.load - 1 > opts.tolerance and len(ev.probes) + k <= opts.max_probes:
+        integer = load.unit == "concurrent_sessions"
+
+        def open_bracket() -> bool:
+            if integer:
+                return hi_p.load - lo_p.load > 1
+            return hi_p.load / lo_p.load - 1 > opts.tolerance
+
+        while open_bracket() and len(ev.probes) + k <= opts.max_probes:
             ratio = hi_p.load / lo_p.load
             loads = [lo_p.load * ratio ** (i / (k + 1)) for i in range(1, k + 1)]
+            if integer:
+                inner = range(int(lo_p.load) + 1, int(hi_p.load))
+                loads = sorted({min(max(round(x), inner[0]), inner[-1]) for x in loads})
             probes = ev.evaluate(loads, "bisect" if k == 1 else f"{k + 1}-section")
             for p in probes:  # lowest unhealthy bounds from above, highest healthy below it
                 if not p.healthy and p.load < hi_p.load:
@@ -695,19 +855,31 @@ def capacity_search(exp: Experiment, load: LoadRange, slos: list[SLO],
                     lo_p = p
             bad = [p for p in probes if p.healthy and p.load > hi_p.load]
             if bad:
-                notes.append(f"non-monotone near the boundary: {bad[0].load:.4g} healthy above "
-                             f"unhealthy {hi_p.load:.4g}; kept the lower bracket")
-        if hi_p.load / lo_p.load - 1 > opts.tolerance:
-            notes.append(f"stopped after {len(ev.probes)} probes (max_probes) with the bracket "
-                         f"[{lo_p.load:.4g}, {hi_p.load:.4g}] wider than the tolerance")
+                notes.append(
+                    f"non-monotone near the boundary: {bad[0].load:.4g} healthy above "
+                    f"unhealthy {hi_p.load:.4g}; kept the lower bracket"
+                )
+        if open_bracket():
+            notes.append(
+                f"stopped after {len(ev.probes)} probes (max_probes) with the bracket "
+                f"[{lo_p.load:.4g}, {hi_p.load:.4g}] wider than the tolerance"
+            )
         return _finish(ev, "found", lo_p, hi_p, slos, load, notes, t0)
     finally:
         if own:
             runner.close()
 
 
-def _finish(ev: _Evaluator, status, healthy: Probe | None, failing: Probe | None,
-            slos: list[SLO], load: LoadRange, notes: list[str], t0: float) -> CapacityResult:
+def _finish(
+    ev: _Evaluator,
+    status,
+    healthy: Probe | None,
+    failing: Probe | None,
+    slos: list[SLO],
+    load: LoadRange,
+    notes: list[str],
+    t0: float,
+) -> CapacityResult:
     import time
 
     unhealthy = [p for p in ev.probes if not p.healthy]
@@ -715,17 +887,23 @@ def _finish(ev: _Evaluator, status, healthy: Probe | None, failing: Probe | None
     failed_first = _first_failed(slos, first_fail) if first_fail else None
     unstable = [p for p in ev.probes if p.healthy and p.metrics.get("stable") is False]
     if unstable:
-        notes.append(f"{len(unstable)} healthy probe(s) never reached a steady state "
-                     f"(e.g. load {unstable[0].load:.4g}); judged on the second half of the load")
+        notes.append(
+            f"{len(unstable)} healthy probe(s) never reached a steady state "
+            f"(e.g. load {unstable[0].load:.4g}); judged on the second half of the load"
+        )
     return CapacityResult(
-        status=status, unit=load.unit, slos=[str(s) for s in slos],
+        status=status,
+        unit=load.unit,
+        slos=[str(s) for s in slos],
         max_healthy_load=healthy.load if healthy else None,
         first_failing_load=failing.load if failing else None,
         failed_first=failed_first,
         violations_at_failing=failing.violations if failing else [],
         healthy_metrics=healthy.metrics if healthy else None,
         failing_metrics=failing.metrics if failing else None,
-        probes=ev.probes, notes=notes, wall_seconds=time.perf_counter() - t0,
+        probes=ev.probes,
+        notes=notes,
+        wall_seconds=time.perf_counter() - t0,
     )
 
 
@@ -748,16 +926,24 @@ class FleetResult:
         return asdict(self)
 
 
-def fleet_search(exp: Experiment, target_load: float, unit: str, slos: list[SLO],
-                 duration_s: float | None = None, max_replicas: int = 64, steady: bool = True,
-                 runner=None) -> FleetResult:
+def fleet_search(
+    exp: Experiment,
+    target_load: float,
+    unit: str,
+    slos: list[SLO],
+    duration_s: float | None = None,
+    max_replicas: int = 64,
+    steady: bool = True,
+    runner=None,
+) -> FleetResult:
     """Fewest replicas (of the experiment's single replica group) healthy at ``target_load``."""
     from simulator.executor import TaskRunner
 
     slos = [SLO.parse(s) for s in slos]
     if len(exp.cluster.replicas) != 1:
-        raise StudyError("fleet sizing needs a cluster with one replica group "
-                         f"(got {len(exp.cluster.replicas)})")
+        raise StudyError(
+            f"fleet sizing needs a cluster with one replica group (got {len(exp.cluster.replicas)})"
+        )
     own = runner is None
     runner = runner or TaskRunner(workers=1)
     loaded = with_load(exp, target_load, unit, duration_s)
@@ -768,15 +954,25 @@ def fleet_search(exp: Experiment, target_load: float, unit: str, slos: list[SLO]
 
     def run(counts: list[int]) -> None:
         todo = [n for n in counts if n not in cache]
-        tasks = [PointTask(apply_overrides(loaded, {"replicas": n}), None, unit, duration_s,
-                           exp.seed, steady) for n in todo]
+        tasks = [
+            PointTask(
+                apply_overrides(loaded, {"replicas": n}), None, unit, duration_s, exp.seed, steady
+            )
+            for n in todo
+        ]
         for n, s in zip(todo, runner.map(evaluate_point, tasks, label="fleet"), strict=True):
             if "error" in s:
                 raise StudyError(s["error"])
             cache[n] = s
-            probes.append({"replicas": n, "gpus": n * tp, "healthy": not check_slos(slos, s),
-                           "violations": check_slos(slos, s),
-                           **{sl.metric: s.get(sl.metric) for sl in slos}})
+            probes.append(
+                {
+                    "replicas": n,
+                    "gpus": n * tp,
+                    "healthy": not check_slos(slos, s),
+                    "violations": check_slos(slos, s),
+                    **{sl.metric: s.get(sl.metric) for sl in slos},
+                }
+            )
 
     try:
         n, lo = 1, 0  # lo: largest known unhealthy count
@@ -786,8 +982,17 @@ def fleet_search(exp: Experiment, target_load: float, unit: str, slos: list[SLO]
                 break
             lo = n
             if n >= max_replicas:
-                return FleetResult("not_found", target_load, unit, None, None, tp, probes, None,
-                                   [f"unhealthy even with max_replicas={max_replicas}"])
+                return FleetResult(
+                    "not_found",
+                    target_load,
+                    unit,
+                    None,
+                    None,
+                    tp,
+                    probes,
+                    None,
+                    [f"unhealthy even with max_replicas={max_replicas}"],
+                )
             n = min(n * 2, max_replicas)
         hi = n
         while hi - lo > 1:
@@ -820,7 +1025,8 @@ def run_capacity_task(task: CapacityTask) -> CapacityResult | dict:
 
     try:
         with TaskRunner(workers=1, progress=False) as runner:
-            return capacity_search(task.exp, task.load, list(task.slos), task.opts, task.steady,
-                                   runner, task.label)
+            return capacity_search(
+                task.exp, task.load, list(task.slos), task.opts, task.steady, runner, task.label
+            )
     except (StudyError, ExperimentError, LoadError) as exc:
         return {"error": str(exc).splitlines()[0]}

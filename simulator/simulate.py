@@ -232,6 +232,7 @@ class Result:
         s["num_events"] = self.num_events
         s["seed"] = self.seed
         s["name"] = self.experiment.name
+        s["window_seconds"] = self.window_seconds
         return s
 
     def save(self, out_dir: str | Path) -> Path:
@@ -242,6 +243,8 @@ class Result:
         self.replicas.to_parquet(out / "replicas.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=float))
         np.save(out / "token_gaps_hist.npy", self.gap_hist)
+        np.save(out / "token_gaps_hist_windows.npy", self.gap_hist_windows)
+        np.save(out / "decode_seconds_by_count.npy", self.decode_seconds_by_count)
         if self.steps is not None:
             self.steps.to_parquet(out / "steps.parquet", index=False)
         return out

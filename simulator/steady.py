@@ -69,8 +69,9 @@ def win_hist_percentiles(hists: np.ndarray, q: float) -> np.ndarray:
     last = hists.shape[1] - 1
     centre = HIST_MIN_SECONDS * 10.0 ** ((b - 0.5) / WIN_BINS_PER_DECADE)
     centre = np.where(b == 0, HIST_MIN_SECONDS, centre)
-    centre = np.where(b >= last, HIST_MIN_SECONDS * 10.0 ** ((last - 1) / WIN_BINS_PER_DECADE),
-                      centre)
+    centre = np.where(
+        b >= last, HIST_MIN_SECONDS * 10.0 ** ((last - 1) / WIN_BINS_PER_DECADE), centre
+    )
     out[total > 0] = centre[total > 0]
     return out
 
@@ -143,12 +144,14 @@ def windowed_metrics(
     df["finished"] = np.bincount(win[(win >= 0) & finished], minlength=n)[:n]
     df["error_rate"] = df["rejected"] / df["arrivals"].where(df["arrivals"] > 0)
     sel = finished & (win >= 0)
-    frame = pd.DataFrame({
-        "w": win[sel],
-        "ttft": requests["ttft"].to_numpy(dtype=np.float64)[sel],
-        "e2e": requests["e2e"].to_numpy(dtype=np.float64)[sel],
-        "tpot": requests["tpot"].to_numpy(dtype=np.float64)[sel],
-    })
+    frame = pd.DataFrame(
+        {
+            "w": win[sel],
+            "ttft": requests["ttft"].to_numpy(dtype=np.float64)[sel],
+            "e2e": requests["e2e"].to_numpy(dtype=np.float64)[sel],
+            "tpot": requests["tpot"].to_numpy(dtype=np.float64)[sel],
+        }
+    )
     grouped = frame.groupby("w")
     for p in PCTS:
         df[f"ttft_p{p}"] = grouped["ttft"].quantile(p / 100.0).reindex(range(n)).to_numpy()
@@ -206,8 +209,9 @@ def _metric_series(windows: pd.DataFrame, metric: str) -> np.ndarray:
     return x
 
 
-def _settle_index(x: np.ndarray, rel_tol: float, abs_tol: float, settle_fraction: float,
-                  min_windows: int) -> tuple[int | None, str]:
+def _settle_index(
+    x: np.ndarray, rel_tol: float, abs_tol: float, settle_fraction: float, min_windows: int
+) -> tuple[int | None, str]:
     """First index from which the series stays near its late level; None and why if none."""
     valid = np.isfinite(x)
     if valid.sum() < max(min_windows, 2):
@@ -215,7 +219,7 @@ def _settle_index(x: np.ndarray, rel_tol: float, abs_tol: float, settle_fraction
     idx = np.flatnonzero(valid)
     vals = x[idx]
     smooth = pd.Series(vals).rolling(3, center=True, min_periods=1).median().to_numpy()
-    ref = float(np.median(smooth[len(smooth) // 2:]))
+    ref = float(np.median(smooth[len(smooth) // 2 :]))
     band = rel_tol * abs(ref) + abs_tol
     inside = np.abs(smooth - ref) <= band
     # fraction of windows inside the band from i to the end, for every i
@@ -264,8 +268,11 @@ def detect_steady_state(
         else:
             starts[metric] = float(sub["start"].iloc[i])
     if n_load < min_windows:
-        reasons.insert(0, f"load period {load_end:.0f} s is shorter than {min_windows} windows "
-                          f"of {window_seconds:g} s")
+        reasons.insert(
+            0,
+            f"load period {load_end:.0f} s is shorter than {min_windows} windows "
+            f"of {window_seconds:g} s",
+        )
     if reasons:
         start = float(sub["start"].iloc[n_load // 2]) if n_load > 1 else 0.0
         reason = "; ".join(reasons) + "; judging the second half of the load period"
@@ -275,20 +282,39 @@ def detect_steady_state(
     else:
         start = max(starts.values(), default=0.0)
         parts = ", ".join(f"{m} settles at {t:.0f} s" for m, t in starts.items())
-        state = SteadyState(start, end, True, f"warm-up trimmed: {parts or 'nothing to trim'}",
-                            load_end, window_seconds, starts, windows)
+        state = SteadyState(
+            start,
+            end,
+            True,
+            f"warm-up trimmed: {parts or 'nothing to trim'}",
+            load_end,
+            window_seconds,
+            starts,
+            windows,
+        )
     if windows is not None and len(windows):
         windows["in_stable"] = (windows["start"] >= start - 1e-9) & (windows["end"] <= end + 1e-9)
     return state
 
 
-def steady_state(result, watch: tuple[str, ...] = DEFAULT_WATCH, warn: bool = True,
-                 **kwargs) -> SteadyState:
+def steady_state(
+    result, watch: tuple[str, ...] = DEFAULT_WATCH, warn: bool = True, **kwargs
+) -> SteadyState:
     """Windowed metrics and the stable window of a :class:`~simulator.simulate.Result`."""
-    windows = windowed_metrics(result.requests, result.window_seconds,
-                               getattr(result, "gap_hist_windows", None), result.num_gpus)
-    return detect_steady_state(windows, load_end_time(result.requests), result.window_seconds,
-                               watch=watch, warn=warn, **kwargs)
+    windows = windowed_metrics(
+        result.requests,
+        result.window_seconds,
+        getattr(result, "gap_hist_windows", None),
+        result.num_gpus,
+    )
+    return detect_steady_state(
+        windows,
+        load_end_time(result.requests),
+        result.window_seconds,
+        watch=watch,
+        warn=warn,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------- stable summary
@@ -299,6 +325,22 @@ def _pcts(values: np.ndarray, prefix: str, pcts=PCTS) -> dict[str, float]:
         out[f"{prefix}_p{p}"] = float(np.percentile(values, p)) if values.size else float("nan")
     out[f"{prefix}_mean"] = float(values.mean()) if values.size else float("nan")
     return out
+
+
+def _mean_active_sessions(requests: pd.DataFrame, start: float, end: float) -> float:
+    """Time-average number of sessions in progress in [start, end): a session is active from its
+    first arrival to its last finish (tool waits included)."""
+    if "session_id" not in requests or end <= start:
+        return float("nan")
+    done = np.where(
+        requests["finish_time"].notna(), requests["finish_time"], requests["arrival_time"]
+    )
+    g = pd.DataFrame(
+        {"s": requests["session_id"].to_numpy(), "a": requests["arrival_time"], "f": done}
+    ).groupby("s")
+    first, last = g["a"].min().to_numpy(), g["f"].max().to_numpy()
+    overlap = np.clip(np.minimum(last, end) - np.maximum(first, start), 0.0, None)
+    return float(np.nansum(overlap) / (end - start))
 
 
 def window_summary(
@@ -341,7 +383,7 @@ def window_summary(
     first = requests["first_token_time"].to_numpy(dtype=np.float64)
     n_first = int(((first >= start) & (first < end)).sum())
     if gap_hist_windows is not None and gap_hist_windows.size and w1 > w0:
-        rows = gap_hist_windows[w0:min(w1, gap_hist_windows.shape[0])]
+        rows = gap_hist_windows[w0 : min(w1, gap_hist_windows.shape[0])]
         hist = rows.sum(axis=0)
         for p in PCTS:
             s[f"tbt_p{p}"] = float(win_hist_percentiles(hist[None, :], p)[0])
@@ -350,6 +392,7 @@ def window_summary(
         for p in PCTS:
             s[f"tbt_p{p}"] = float("nan")
         tokens = float(_emitted_tokens_by_time(requests, np.array([start, end])).sum())
+    s["concurrent_sessions"] = _mean_active_sessions(requests, start, end)
     sched = req[req["scheduled_time"].notna()]
     prompt = float(sched["prompt_tokens"].sum())
     tput = tokens / duration
@@ -365,8 +408,9 @@ def window_summary(
     return s
 
 
-def stable_summary(result, steady: bool = True, watch: tuple[str, ...] = DEFAULT_WATCH,
-                   warn: bool = True) -> dict:
+def stable_summary(
+    result, steady: bool = True, watch: tuple[str, ...] = DEFAULT_WATCH, warn: bool = True
+) -> dict:
     """The run's summary over its stable window (``steady=False``: over the whole load period,
     warm-up included). Adds ``steady_start``, ``steady_end``, ``stable`` and ``steady_reason``."""
     state = steady_state(result, watch=watch, warn=warn)
@@ -374,8 +418,14 @@ def stable_summary(result, steady: bool = True, watch: tuple[str, ...] = DEFAULT
         start, end = state.start, state.end
     else:
         start, end = 0.0, state.end
-    s = window_summary(result.requests, start, end, result.num_gpus, result.window_seconds,
-                       getattr(result, "gap_hist_windows", None))
+    s = window_summary(
+        result.requests,
+        start,
+        end,
+        result.num_gpus,
+        result.window_seconds,
+        getattr(result, "gap_hist_windows", None),
+    )
     s |= {
         "steady_start": state.start,
         "steady_end": state.end,

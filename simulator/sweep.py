@@ -43,14 +43,15 @@ from pydantic import Field, field_validator, model_validator
 
 from simulator.config import Experiment, ExperimentError
 from simulator.search import (
-    SLO,
+    GridAxis,
     LoadError,
     LoadUnit,
     PointTask,
+    SLOItem,
     StudyError,
-    _label,
     _Model,
     apply_overrides,
+    check_axes,
     check_slos,
     evaluate_point,
     grid_points,
@@ -101,28 +102,27 @@ class FrontierSpec(_Model):
     healthy_only: bool = True
 
 
+class SweepOutputs(_Model):
+    dir: str | None = None
+    save_requests: bool = Field(False, description="write each point's requests table")
+    plots: bool = Field(True, description="draw the Pareto (and per-point) figures")
+
+
 class SweepStudy(_Model):
     name: str = "sweep"
     experiment: Any
     set: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    grid: dict[str, GridAxis] = Field(default_factory=dict)
     loads: LoadAxis | None = None
     seeds: list[int] | None = Field(None, min_length=1)
-    slos: list[SLO] = Field(default_factory=list)
+    slos: list[SLOItem] = Field(default_factory=list)
     steady_state: bool = True
     frontier: FrontierSpec = Field(default_factory=FrontierSpec)
-    outputs: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("slos", mode="before")
-    @classmethod
-    def _parse_slos(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            raise ValueError(f"expected a list of SLOs (got {v!r})")
-        return [SLO.parse(item) for item in v]
+    outputs: SweepOutputs = Field(default_factory=lambda: SweepOutputs())
 
     @field_validator("grid")
     @classmethod
-    def _grid_axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _grid_axes(cls, v: dict[str, GridAxis]) -> dict[str, GridAxis]:
         for key, values in v.items():
             if not values:
                 raise ValueError(f"empty sweep grid: axis {key!r} has no values")
@@ -137,45 +137,69 @@ def load_sweep(path: str | Path) -> tuple[SweepStudy, Experiment]:
         raise StudyError(f"{path}: grid: empty sweep grid (give grid axes or loads)")
     exp = resolve_experiment(study.experiment, path.parent, str(path))
     try:
-        exp = apply_overrides(exp, study.set, f"{path}: set")
+        exp = apply_overrides(exp, study.set, f"{path}: set", path.parent)
+        check_axes(exp, study.grid, f"{path}: grid", path.parent)
         if study.loads is not None:
-            scale_load(exp.workload, study.loads.points()[0], study.loads.unit,
-                       study.loads.duration_s)
+            scale_load(
+                exp.workload, study.loads.points()[0], study.loads.unit, study.loads.duration_s
+            )
     except (ExperimentError, LoadError) as exc:
         raise StudyError(f"{path}: {exc}") from None
     return study, exp
 
 
-def sweep_tasks(study: SweepStudy, exp: Experiment, source: str = "<sweep>"
-                ) -> tuple[list[dict], list[PointTask | None]]:
+def sweep_tasks(
+    study: SweepStudy, exp: Experiment, source: str = "<sweep>", base: Path | None = None
+) -> tuple[list[dict], list[PointTask | None]]:
     """The points of a sweep (grid values, load, seed, label) and their tasks. A configuration
     the experiment model rejects gets task ``None`` and its error in the point."""
     seeds = study.seeds or [exp.seed]
     loads = study.loads.points() if study.loads is not None else [None]
     unit = study.loads.unit if study.loads is not None else "rate"
     duration = study.loads.duration_s if study.loads is not None else None
+    keep = study.outputs.save_requests
     meta, tasks = [], []
-    for cid, combo in enumerate(grid_points(study.grid)):
+    for cid, point in enumerate(grid_points(study.grid)):
         error = ""
         try:
-            cexp = apply_overrides(exp, combo, source)
+            cexp = apply_overrides(exp, point.values, source, base)
         except (ExperimentError, StudyError) as exc:
             cexp, error = None, str(exc).splitlines()[0]
         for load in loads:
             for seed in seeds:
-                meta.append({"config_id": cid, "config": _label(combo) or "base", **combo,
-                             "load": load, "load_unit": unit, "seed": seed, "error": error})
-                tasks.append(None if cexp is None else
-                             PointTask(cexp, load, unit, duration, seed, study.steady_state))
+                meta.append(
+                    {
+                        "config_id": cid,
+                        "config": point.label,
+                        **point.names,
+                        "load": load,
+                        "load_unit": unit,
+                        "seed": seed,
+                        "error": error,
+                    }
+                )
+                tasks.append(
+                    None
+                    if cexp is None
+                    else PointTask(cexp, load, unit, duration, seed, study.steady_state, keep)
+                )
     return meta, tasks
 
 
-def run_sweep(study: SweepStudy, exp: Experiment, runner=None, source: str = "<sweep>"
-              ) -> pd.DataFrame:
-    """Simulate every point; one row per point (see the module docstring)."""
+def run_sweep(
+    study: SweepStudy,
+    exp: Experiment,
+    runner=None,
+    source: str = "<sweep>",
+    base: Path | None = None,
+    requests_out: list | None = None,
+) -> pd.DataFrame:
+    """Simulate every point; one row per point (see the module docstring). With
+    ``outputs.save_requests``, each point's requests table is appended to ``requests_out``
+    (``(row index, DataFrame)``)."""
     from simulator.executor import TaskRunner
 
-    meta, tasks = sweep_tasks(study, exp, source)
+    meta, tasks = sweep_tasks(study, exp, source, base)
     own = runner is None
     runner = runner or TaskRunner()
     try:
@@ -188,10 +212,13 @@ def run_sweep(study: SweepStudy, exp: Experiment, runner=None, source: str = "<s
     for i, s in zip(live, results, strict=True):
         summaries[i] = s
     rows = []
-    for m, s in zip(meta, summaries, strict=True):
+    for i, (m, s) in enumerate(zip(meta, summaries, strict=True)):
         row = dict(m)
         if "error" in s:
             row["error"] = s.pop("error")
+        reqs = s.pop("requests", None)
+        if reqs is not None and requests_out is not None:
+            requests_out.append((i, reqs))
         row |= s
         if study.slos and not row["error"]:
             bad = check_slos(study.slos, s)
@@ -206,9 +233,12 @@ def run_sweep(study: SweepStudy, exp: Experiment, runner=None, source: str = "<s
     return df
 
 
-def pareto_frontier(df: pd.DataFrame, x: str = "tokens_per_s_per_user",
-                    y: str = "output_tokens_per_s_per_gpu", healthy_only: bool = True
-                    ) -> pd.DataFrame:
+def pareto_frontier(
+    df: pd.DataFrame,
+    x: str = "tokens_per_s_per_user",
+    y: str = "output_tokens_per_s_per_gpu",
+    healthy_only: bool = True,
+) -> pd.DataFrame:
     """The rows of ``df`` not dominated in (``x``, ``y``), both maximized; sorted by ``x``."""
     if x not in df or y not in df:
         missing = x if x not in df else y
@@ -227,8 +257,16 @@ def pareto_frontier(df: pd.DataFrame, x: str = "tokens_per_s_per_user",
     return df.loc[keep].sort_values(x, kind="stable")
 
 
-def write_sweep(df: pd.DataFrame, frontier: pd.DataFrame, study: SweepStudy, out_dir: Path,
-                wall_seconds: float) -> None:
+def write_sweep(
+    df: pd.DataFrame,
+    frontier: pd.DataFrame,
+    study: SweepStudy,
+    out_dir: Path,
+    wall_seconds: float,
+    requests: list | None = None,
+) -> list[Path]:
+    """Write the table, the frontier, the metadata, per-point requests and figures; returns the
+    figures written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out_dir / "sweep.parquet", index=False)
     frontier.to_csv(out_dir / "frontier.csv", index=False)
@@ -239,11 +277,25 @@ def write_sweep(df: pd.DataFrame, frontier: pd.DataFrame, study: SweepStudy, out
         "configs": int(df["config_id"].nunique()),
         "errors": int((df["error"] != "").sum()),
         "wall_seconds": wall_seconds,
-        "frontier": {"x": x, "y": y,
-                     "points": [{"config": r["config"], "load": r["load"], x: r[x], y: r[y]}
-                                for _, r in frontier.iterrows()]},
+        "frontier": {
+            "x": x,
+            "y": y,
+            "points": [
+                {"config": r["config"], "load": r["load"], x: r[x], y: r[y]}
+                for _, r in frontier.iterrows()
+            ],
+        },
     }
     (out_dir / "sweep.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    for i, reqs in requests or []:
+        (out_dir / "requests").mkdir(exist_ok=True)
+        reqs.to_parquet(out_dir / "requests" / f"point_{i:04d}.parquet", index=False)
+    if not study.outputs.plots:
+        return []
+    from simulator.plots import plot_directory
+
+    written, _ = plot_directory(out_dir, out_dir / "plots")
+    return written
 
 
 def _json_default(v: Any) -> Any:
@@ -256,11 +308,18 @@ def sweep_points_per_second(df: pd.DataFrame, wall_seconds: float) -> float:
     return len(df) / wall_seconds if wall_seconds > 0 else float("nan")
 
 
-def timed_sweep(study: SweepStudy, exp: Experiment, runner=None, source: str = "<sweep>"
-                ) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+def timed_sweep(
+    study: SweepStudy,
+    exp: Experiment,
+    runner=None,
+    source: str = "<sweep>",
+    base: Path | None = None,
+    requests_out: list | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     t0 = time.perf_counter()
-    df = run_sweep(study, exp, runner, source)
+    df = run_sweep(study, exp, runner, source, base, requests_out)
     wall = time.perf_counter() - t0
-    frontier = pareto_frontier(df, study.frontier.x, study.frontier.y,
-                               study.frontier.healthy_only and bool(study.slos))
+    frontier = pareto_frontier(
+        df, study.frontier.x, study.frontier.y, study.frontier.healthy_only and bool(study.slos)
+    )
     return df, frontier, wall

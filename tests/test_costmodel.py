@@ -30,9 +30,9 @@ def run(params, new, ctx):
 
 
 def test_llama8b_decode_batch1(llama8):
-    # weights 16.06 GB at 2.81 TB/s = 5.7 ms, plus ~1.1 ms overhead
+    # measured GPU time on an H100 7.6-7.7 ms (steps.csv) plus 0.8 ms host-side step overhead
     t = run(llama8, [1], [1024])
-    assert 6e-3 <= t <= 8e-3
+    assert 7.5e-3 <= t <= 9.5e-3
 
 
 def test_llama8b_prefill_8k(llama8):
@@ -92,10 +92,17 @@ def test_breakdown_sums_to_step_seconds(h100, name, tp, dtype):
     total = b["overhead_seconds"]
     for g in GROUP_NAMES:
         grp = b["groups"][g]
-        assert grp["seconds"] == max(grp["compute_seconds"], grp["memory_seconds"])
+        core = grp["seconds"] - grp["fixed_seconds"] - grp["elementwise_seconds"]
+        # the roofline terms combine into at least their max, at most their sum
+        hi = max(grp["compute_seconds"], grp["memory_seconds"])
+        assert (
+            hi * (1 - 1e-12)
+            <= core
+            <= (grp["compute_seconds"] + grp["memory_seconds"]) * (1 + 1e-12)
+        )
         assert grp["bound"] in ("compute", "memory")
         total += grp["seconds"]
-    assert total == b["seconds"]
+    assert total == pytest.approx(b["seconds"], rel=1e-12)
 
 
 def test_tp_cuts_weight_time_and_adds_allreduce(h100):
@@ -106,9 +113,11 @@ def test_tp_cuts_weight_time_and_adds_allreduce(h100):
     b4 = step_breakdown(p4, [1] * 16, [1024] * 16)
     assert b1["groups"]["allreduce"]["seconds"] == 0.0
     assert b4["groups"]["allreduce"]["seconds"] > 0.0
-    assert b4["groups"]["mlp"]["seconds"] == pytest.approx(
-        b1["groups"]["mlp"]["seconds"] / 4, rel=0.01
+    # weight streaming splits four ways; per-kernel latencies and the (replicated) norms do not
+    assert b4["groups"]["mlp"]["memory_seconds"] == pytest.approx(
+        b1["groups"]["mlp"]["memory_seconds"] / 4, rel=0.01
     )
+    assert b4["groups"]["mlp"]["seconds"] < 0.3 * b1["groups"]["mlp"]["seconds"]
     assert b4["seconds"] < b1["seconds"]
 
 
@@ -155,3 +164,49 @@ def test_empty_batch_costs_nothing(llama8):
     assert run(llama8, [], []) == 0.0
     assert run(llama8, [0, 0], [5, 5]) == 0.0
     assert run(llama8, [1], [0]) > 0.0
+
+
+def test_smooth_max_between_max_and_sum():
+    from simulator.costmodel import smooth_max
+
+    assert smooth_max(0.0, 0.0, 4.0) == 0.0
+    assert smooth_max(3.0, 0.0, 4.0) == 3.0
+    assert smooth_max(1.0, 1.0, 1.0) == pytest.approx(2.0)
+    assert smooth_max(1.0, 1.0, 4.0) == pytest.approx(2**0.25)
+    assert smooth_max(2.0, 1.0, 64.0) == 2.0
+
+
+def test_kernel_latency_terms(llama8):
+    b = step_breakdown(llama8, [1], [100])
+    g = b["groups"]
+    # 32 layers x 2 GEMMs per group, one attention kernel per layer
+    assert g["qkv_o"]["fixed_seconds"] > 0 and g["mlp"]["fixed_seconds"] > 0
+    assert g["attention_decode"]["fixed_seconds"] > 0
+    assert g["attention_prefill"]["fixed_seconds"] == 0.0
+    assert g["qkv_o"]["elementwise_seconds"] > 0
+
+
+def test_decode_attention_regimes(h100):
+    # few sequences x KV heads: KV split over the SMs, HBM-bound; many: the kernel's own rate
+    p = build_cost_params(load_model("llama-3.1-8b"), h100)
+    few = step_breakdown(p, [1] * 16, [8192] * 16)["groups"]["attention_decode"]
+    many = step_breakdown(p, [1] * 64, [2048] * 64)["groups"]["attention_decode"]
+    assert few["memory_seconds"] > few["compute_seconds"]
+    assert many["compute_seconds"] > many["memory_seconds"]
+    # MLA has no split rule (FlashMLA-style kernels): stays memory/rate bound as before
+    pd = build_cost_params(load_model("deepseek-v3"), h100, tp=8)
+    mla = step_breakdown(pd, [1] * 64, [2048] * 64)["groups"]["attention_decode"]
+    assert mla["compute_seconds"] < 10 * mla["memory_seconds"]
+
+
+def test_step_seconds_is_fast(llama8):
+    import time
+
+    new = np.ones(256, dtype=np.int64)
+    ctx = np.full(256, 2048, dtype=np.int64)
+    step_seconds(llama8, new, ctx, 256)
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        step_seconds(llama8, new, ctx, 256)
+    per_seq = (time.perf_counter() - t0) / 2000 / 256
+    assert per_seq < 50e-9  # generous: ~4 ns per sequence on a laptop core

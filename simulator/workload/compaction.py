@@ -37,7 +37,9 @@ class Compaction(BaseModel):
 
 
 def compact(
-    g: SessionGraph, spec: Compaction | None, rng: np.random.Generator,
+    g: SessionGraph,
+    spec: Compaction | None,
+    rng: np.random.Generator,
     mask: np.ndarray | None = None,
 ) -> SessionGraph:
     """Apply ``spec`` to the requests selected by ``mask`` (all by default).

@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
+from simulator.workload.agentic import AgenticWorkload, agentic_graph
 from simulator.workload.compiled import (
     CompiledWorkload,
     WorkloadError,
@@ -42,6 +43,7 @@ from simulator.workload.compiled import (
     validate_compiled,
 )
 from simulator.workload.distributions import sample_counts, sample_times
+from simulator.workload.graph import SessionGraph, compile_graph
 from simulator.workload.spec import (
     WORKLOAD_SPEC_ADAPTER,
     Arrival,
@@ -52,8 +54,15 @@ from simulator.workload.spec import (
     SessionsWorkload,
     WorkloadSpec,
 )
+from simulator.workload.trace import TraceWorkload, detect_format, resolve_path, trace_graph
 
-__all__ = ["compile_workload", "load_workload_spec", "parse_workload_spec", "arrival_times"]
+__all__ = [
+    "compile_workload",
+    "load_workload_spec",
+    "parse_workload_spec",
+    "arrival_times",
+    "workload_graph",
+]
 
 _I64 = np.int64
 
@@ -198,13 +207,31 @@ def _compile_sessions(spec: SessionsWorkload, rng: np.random.Generator) -> Compi
     )
 
 
+def workload_graph(spec: WorkloadSpec, seed: int) -> tuple[SessionGraph, np.ndarray]:
+    """The session graph of an ``agentic`` or ``trace`` spec (traffic applied) and its session
+    start times."""
+    if isinstance(spec, AgenticWorkload):
+        return agentic_graph(spec, seed)
+    if isinstance(spec, TraceWorkload):
+        return trace_graph(spec, seed)
+    raise TypeError(f"{type(spec).__name__} is not compiled through a session graph")
+
+
 def compile_workload(spec: WorkloadSpec, seed: int) -> CompiledWorkload:
-    """Compile ``spec`` with ``np.random.default_rng(seed)``; validated before it is returned."""
+    """Compile ``spec`` deterministically for ``seed``; validated before it is returned.
+
+    ``requests`` and ``sessions`` use ``np.random.default_rng(seed)`` (draw order above);
+    ``agentic`` and ``trace`` build a :class:`~simulator.workload.graph.SessionGraph` from
+    independent streams spawned from ``seed`` and compile it.
+    """
     rng = np.random.default_rng(seed)
     if isinstance(spec, RequestsWorkload):
         wl = _compile_requests(spec, rng)
     elif isinstance(spec, SessionsWorkload):
         wl = _compile_sessions(spec, rng)
+    elif isinstance(spec, AgenticWorkload | TraceWorkload):
+        g, start = workload_graph(spec, seed)
+        return compile_graph(g, start)
     else:
         raise TypeError(f"not a workload spec: {type(spec).__name__}")
     validate_compiled(wl)
@@ -265,17 +292,58 @@ def format_validation_error(source: str, err: ValidationError, data: Any) -> str
     return "\n".join(lines)
 
 
-def parse_workload_spec(data: Any, source: str = "<workload>") -> WorkloadSpec:
-    """Validate a parsed mapping into a spec; errors become :class:`WorkloadError`."""
+def _infer_base_dir(source: str) -> Path | None:
+    """The directory of the file named by ``source`` (``file`` or ``file: field...``), if any."""
+    for cand in (source, source.split(": ", 1)[0]):
+        try:
+            p = Path(cand)
+            if p.is_file():
+                return p.resolve().parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def parse_workload_spec(
+    data: Any, source: str = "<workload>", base_dir: str | Path | None = None
+) -> WorkloadSpec:
+    """Validate a parsed mapping into a spec; errors become :class:`WorkloadError`.
+
+    Relative file paths inside the spec (a trace's ``path``, an empirical distribution's
+    ``trace``) are resolved against ``base_dir`` (the workload file's directory), then the CWD.
+    Without ``base_dir``, the directory of the file named by ``source`` is used when ``source``
+    names one (``"dir/exp.yaml"`` or ``"dir/exp.yaml: workload"``). A trace is read and checked
+    here, so a bad trace is reported when the spec is loaded.
+    """
     if not isinstance(data, dict):
         raise WorkloadError(
             f"{source}: a workload spec must be a mapping with a 'kind' key "
             f"(got {_short_repr(data)})"
         )
+    if base_dir is None:
+        base_dir = _infer_base_dir(source)
     try:
-        return WORKLOAD_SPEC_ADAPTER.validate_python(data)
+        spec = WORKLOAD_SPEC_ADAPTER.validate_python(data, context={"base_dir": base_dir})
     except ValidationError as err:
         raise WorkloadError(format_validation_error(source, err, data)) from None
+    except WorkloadError as err:  # raised while reading a file named by the spec
+        raise WorkloadError(f"{source}: {err}") from None
+    if isinstance(spec, TraceWorkload):
+        path = resolve_path(spec.path, base_dir)
+        if not path.is_file():
+            raise WorkloadError(f"{source}: path: trace file not found: {spec.path!r}")
+        try:
+            fmt = spec.format or detect_format(path)
+            spec = TraceWorkload.model_validate(
+                spec.model_dump() | {"path": str(path), "format": fmt}
+            )
+        except ValidationError as err:
+            raise WorkloadError(format_validation_error(source, err, data)) from None
+        try:
+            trace_graph(spec, 0)  # read and check the trace (cached for the compile)
+        except WorkloadError as err:
+            raise WorkloadError(f"{source}: {err}") from None
+    return spec
 
 
 def load_workload_spec(path: str | Path) -> WorkloadSpec:
@@ -292,4 +360,4 @@ def load_workload_spec(path: str | Path) -> WorkloadSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise WorkloadError(f"{path}: invalid YAML: {where}{problem}") from None
-    return parse_workload_spec(data, str(path))
+    return parse_workload_spec(data, str(path), path.resolve().parent)

@@ -71,8 +71,10 @@ def children_from_parents(
     num_edges = parent_ids.shape[0]
     child_of_edge = np.repeat(np.arange(num_requests, dtype=np.int64), np.diff(req_parents_start))
     order = np.lexsort((child_of_edge, parent_ids))
-    counts = np.bincount(parent_ids, minlength=num_requests) if num_edges else np.zeros(
-        num_requests, dtype=np.int64
+    counts = (
+        np.bincount(parent_ids, minlength=num_requests)
+        if num_edges
+        else np.zeros(num_requests, dtype=np.int64)
     )
     start = np.zeros(num_requests + 1, dtype=np.int64)
     np.cumsum(counts, out=start[1:])
@@ -91,9 +93,18 @@ def validate_compiled(wl: CompiledWorkload) -> None:
     n_req = wl.num_requests
     n_nodes = wl.num_nodes
     int_fields = (
-        "node_parent", "node_start_tokens", "node_num_tokens", "req_session",
-        "req_prompt_tokens", "req_output_tokens", "req_path_start", "path_nodes",
-        "req_parents_start", "parent_ids", "req_children_start", "child_ids",
+        "node_parent",
+        "node_start_tokens",
+        "node_num_tokens",
+        "req_session",
+        "req_prompt_tokens",
+        "req_output_tokens",
+        "req_path_start",
+        "path_nodes",
+        "req_parents_start",
+        "parent_ids",
+        "req_children_start",
+        "child_ids",
     )
     for name in int_fields:
         arr = getattr(wl, name)
@@ -105,16 +116,23 @@ def validate_compiled(wl: CompiledWorkload) -> None:
             raise WorkloadError(f"{name}: expected float64[{n_req}], got {arr.dtype} {arr.shape}")
         bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
         if bad.size:
-            raise WorkloadError(f"request {bad[0]}: {name} = {float(arr[bad[0]])!r} (must be finite, >= 0)")
+            raise WorkloadError(
+                f"request {bad[0]}: {name} = {float(arr[bad[0]])!r} (must be finite, >= 0)"
+            )
     if n_req == 0:
         raise WorkloadError("the workload has no requests")
-    for name, arr in (("req_prompt_tokens", wl.req_prompt_tokens), ("req_output_tokens", wl.req_output_tokens)):
+    for name, arr in (
+        ("req_prompt_tokens", wl.req_prompt_tokens),
+        ("req_output_tokens", wl.req_output_tokens),
+    ):
         bad = np.flatnonzero(arr < 1)
         if bad.size:
             raise WorkloadError(f"request {bad[0]}: {name} = {arr[bad[0]]} (must be >= 1)")
     bad = np.flatnonzero(wl.node_num_tokens < 1)
     if bad.size:
-        raise WorkloadError(f"content node {bad[0]}: node_num_tokens = {wl.node_num_tokens[bad[0]]} (must be >= 1)")
+        raise WorkloadError(
+            f"content node {bad[0]}: node_num_tokens = {wl.node_num_tokens[bad[0]]} (must be >= 1)"
+        )
     roots = wl.node_parent < 0
     parent = np.where(roots, 0, wl.node_parent)
     if np.any(wl.node_parent >= n_nodes):
@@ -131,7 +149,12 @@ def validate_compiled(wl: CompiledWorkload) -> None:
         ("req_parents_start", wl.req_parents_start, wl.parent_ids),
         ("req_children_start", wl.req_children_start, wl.child_ids),
     ):
-        if start.shape != (n_req + 1,) or start[0] != 0 or start[-1] != ids.shape[0] or np.any(np.diff(start) < 0):
+        if (
+            start.shape != (n_req + 1,)
+            or start[0] != 0
+            or start[-1] != ids.shape[0]
+            or np.any(np.diff(start) < 0)
+        ):
             raise WorkloadError(f"{name}: not a valid CSR offset array for {n_req} requests")
     path_len = np.diff(wl.req_path_start)
     bad = np.flatnonzero(path_len < 1)

@@ -294,7 +294,11 @@ class Zipf(_DistBase):
 
 
 EMPIRICAL_FIELDS = (
-    "fresh_input", "first_input", "output", "wait_after_ready", "requests_per_session",
+    "fresh_input",
+    "first_input",
+    "output",
+    "wait_after_ready",
+    "requests_per_session",
 )
 
 
@@ -362,15 +366,15 @@ class SpikePareto(_DistBase):
 
 
 class _MixtureBase(_DistBase):
-    weights: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+    weights: Annotated[
+        list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
+    ]
 
     @model_validator(mode="after")
     def _check_components(self) -> _MixtureBase:
-        if len(self.weights) != len(self.components):  # type: ignore[attr-defined]
-            raise ValueError(
-                f"weights has {len(self.weights)} entries but components has "
-                f"{len(self.components)}"  # type: ignore[attr-defined]
-            )
+        num = len(self.components)  # type: ignore[attr-defined]
+        if len(self.weights) != num:
+            raise ValueError(f"weights has {len(self.weights)} entries but components has {num}")
         return self
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -422,8 +426,17 @@ def _number_as_fixed(value: Any) -> Any:
 
 
 _Shared = (
-    Normal | LogNormal | Exponential | InverseGaussian | Gamma | Weibull | Pareto | Poisson | Zipf
-    | Empirical | SpikePareto
+    Normal
+    | LogNormal
+    | Exponential
+    | InverseGaussian
+    | Gamma
+    | Weibull
+    | Pareto
+    | Poisson
+    | Zipf
+    | Empirical
+    | SpikePareto
 )
 
 #: A distribution of counts (tokens, turns); sample it with :func:`sample_counts`.

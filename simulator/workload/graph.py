@@ -140,8 +140,12 @@ def make_graph(
 
     session = np.asarray(session, dtype=_I64)
     return SessionGraph(
-        prefix_parent=np.zeros(0, _I64) if prefix_parent is None else np.asarray(prefix_parent, _I64),
-        prefix_tokens=np.zeros(0, _I64) if prefix_tokens is None else np.asarray(prefix_tokens, _I64),
+        prefix_parent=np.zeros(0, _I64)
+        if prefix_parent is None
+        else np.asarray(prefix_parent, _I64),
+        prefix_tokens=np.zeros(0, _I64)
+        if prefix_tokens is None
+        else np.asarray(prefix_tokens, _I64),
         session=session,
         subsession=session.copy() if subsession is None else np.asarray(subsession, dtype=_I64),
         fresh=np.asarray(fresh, dtype=_I64),
@@ -268,12 +272,29 @@ def validate_graph(g: SessionGraph, cross_session: bool = False) -> None:
     n = g.num_requests
     if n == 0:
         raise WorkloadError(f"{g.source or 'workload'}: no requests")
-    for name in ("session", "subsession", "fresh", "output", "history_parent", "history_tokens",
-                 "prefix", "wait", "offset", "kind"):
+    for name in (
+        "session",
+        "subsession",
+        "fresh",
+        "output",
+        "history_parent",
+        "history_tokens",
+        "prefix",
+        "wait",
+        "offset",
+        "kind",
+    ):
         if getattr(g, name).shape != (n,):
-            raise WorkloadError(f"session graph: {name} has shape {getattr(g, name).shape}, not ({n},)")
+            raise WorkloadError(
+                f"session graph: {name} has shape {getattr(g, name).shape}, not ({n},)"
+            )
     ps = g.parents_start
-    if ps.shape != (n + 1,) or ps[0] != 0 or ps[-1] != g.parent_ids.shape[0] or np.any(np.diff(ps) < 0):
+    if (
+        ps.shape != (n + 1,)
+        or ps[0] != 0
+        or ps[-1] != g.parent_ids.shape[0]
+        or np.any(np.diff(ps) < 0)
+    ):
         raise WorkloadError("session graph: parents_start is not a CSR offset array")
     sd = np.diff(g.session)
     if g.session[0] != 0 or np.any((sd != 0) & (sd != 1)):
@@ -286,10 +307,14 @@ def validate_graph(g: SessionGraph, cross_session: bool = False) -> None:
         )
     bad = np.flatnonzero(g.session[g.parent_ids] != g.session[child])
     if bad.size and not cross_session:
-        raise WorkloadError(f"request {child[bad[0]]}: parent {g.parent_ids[bad[0]]} is in another session")
+        raise WorkloadError(
+            f"request {child[bad[0]]}: parent {g.parent_ids[bad[0]]} is in another session"
+        )
     bad = np.flatnonzero(g.fresh < 0)
     if bad.size:
-        raise WorkloadError(f"request {bad[0]}: fresh input tokens = {g.fresh[bad[0]]} (must be >= 0)")
+        raise WorkloadError(
+            f"request {bad[0]}: fresh input tokens = {g.fresh[bad[0]]} (must be >= 0)"
+        )
     bad = np.flatnonzero(g.output < 1)
     if bad.size:
         raise WorkloadError(f"request {bad[0]}: output tokens = {g.output[bad[0]]} (must be >= 1)")
@@ -319,7 +344,9 @@ def validate_graph(g: SessionGraph, cross_session: bool = False) -> None:
             raise WorkloadError(f"prefix node {bad[0]}: its parent must come before it")
         bad = np.flatnonzero(g.prefix_tokens < 1)
         if bad.size:
-            raise WorkloadError(f"prefix node {bad[0]}: {g.prefix_tokens[bad[0]]} tokens (must be >= 1)")
+            raise WorkloadError(
+                f"prefix node {bad[0]}: {g.prefix_tokens[bad[0]]} tokens (must be >= 1)"
+            )
     if np.any(g.prefix >= k):
         raise WorkloadError("session graph: a request refers to a prefix node that does not exist")
     if g.session_time is not None and g.session_time.shape != (g.num_sessions,):
@@ -366,8 +393,13 @@ def _positions(prefix_parent, prefix_tokens, hp, htok, prefix, fresh, output):
 def graph_positions(g: SessionGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(inherited, prompt, end)`` tokens per request; ``end = prompt + output``."""
     _, inherit, end, err, r = _positions(
-        g.prefix_parent, g.prefix_tokens, g.history_parent, g.history_tokens, g.prefix,
-        g.fresh, g.output,
+        g.prefix_parent,
+        g.prefix_tokens,
+        g.history_parent,
+        g.history_tokens,
+        g.prefix,
+        g.fresh,
+        g.output,
     )
     if err == ERR_HISTORY_TOO_LONG:
         raise WorkloadError(
@@ -540,14 +572,25 @@ def compile_graph(
     n = g.num_requests
     k = g.num_prefix_nodes
     pend, inherit, end, err, r = _positions(
-        g.prefix_parent, g.prefix_tokens, g.history_parent, g.history_tokens, g.prefix,
-        g.fresh, g.output,
+        g.prefix_parent,
+        g.prefix_tokens,
+        g.history_parent,
+        g.history_tokens,
+        g.prefix,
+        g.fresh,
+        g.output,
     )
     if err != ERR_NONE:
         graph_positions(g)  # raises the error with its message
     start, length, parent, off, cut_node, cut_off = _attach(
-        g.prefix_parent, g.prefix_tokens, pend, g.history_parent, inherit, g.prefix,
-        g.fresh, g.output,
+        g.prefix_parent,
+        g.prefix_tokens,
+        pend,
+        g.history_parent,
+        inherit,
+        g.prefix,
+        g.fresh,
+        g.output,
     )
     m = k + n
     if cut_node.shape[0]:
@@ -634,8 +677,13 @@ def apply_compaction(
     validate_graph(g)
     n = g.num_requests
     pend, _, _, err, _ = _positions(
-        g.prefix_parent, g.prefix_tokens, g.history_parent, g.history_tokens, g.prefix,
-        g.fresh, g.output,
+        g.prefix_parent,
+        g.prefix_tokens,
+        g.history_parent,
+        g.history_tokens,
+        g.prefix,
+        g.fresh,
+        g.output,
     )
     if err != ERR_NONE:
         graph_positions(g)
@@ -645,8 +693,14 @@ def apply_compaction(
     if np.any(summary < 1):
         raise WorkloadError("compaction: summary tokens must be >= 1")
     flag, chain_prefix = _compaction_kernel(
-        pend, g.history_parent, g.history_tokens, g.prefix, g.fresh, g.output,
-        np.ascontiguousarray(limit), np.ascontiguousarray(summary),
+        pend,
+        g.history_parent,
+        g.history_tokens,
+        g.prefix,
+        g.fresh,
+        g.output,
+        np.ascontiguousarray(limit),
+        np.ascontiguousarray(summary),
     )
     num_flag = int(flag.sum())
     if num_flag == 0:

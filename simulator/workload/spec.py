@@ -1,6 +1,8 @@
 """The YAML-facing synthetic workload spec (pydantic v2; frozen, unknown keys rejected).
 
-A spec is a mapping discriminated on ``kind``.
+A spec is a mapping discriminated on ``kind``: ``requests`` and ``sessions`` (below), ``agentic``
+(synthetic agent session graphs, :mod:`simulator.workload.agentic`) and ``trace`` (a trace file
+under a traffic model, :mod:`simulator.workload.trace`). docs/workloads.md has the full schemas.
 
 ``kind: requests`` -- independent requests::
 
@@ -36,7 +38,7 @@ Arrival processes (the first arrival is at t = 0 for all of them):
 
 ``max_context_tokens`` ends a session's chain before the first turn whose prompt + output would
 exceed it (the later turns are dropped; a session whose first turn already exceeds it is dropped
-entirely). Compacting the history and starting a new chain is a later issue.
+entirely). ``kind: agentic`` compacts the history and starts a new chain instead.
 
 Distributions (``Dist`` for counts, ``TimeDist`` for seconds) are described in
 :mod:`simulator.workload.distributions`; a bare number means a fixed value.
@@ -48,7 +50,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from simulator.workload.agentic import AgenticWorkload
 from simulator.workload.distributions import Dist, FixedTime, TimeDist
+from simulator.workload.trace import TraceWorkload
 
 __all__ = [
     "PoissonArrival",
@@ -57,6 +61,8 @@ __all__ = [
     "Arrival",
     "RequestsWorkload",
     "SessionsWorkload",
+    "AgenticWorkload",
+    "TraceWorkload",
     "WorkloadSpec",
     "WORKLOAD_SPEC_ADAPTER",
 ]
@@ -129,8 +135,14 @@ class SessionsWorkload(_Model):
         return self
 
 
-#: A synthetic workload spec, as read from YAML.
-WorkloadSpec = Annotated[RequestsWorkload | SessionsWorkload, Field(discriminator="kind")]
+#: A workload spec, as read from YAML (``kind: agentic`` and ``kind: trace`` are described in
+#: :mod:`simulator.workload.agentic` and :mod:`simulator.workload.trace`).
+WorkloadSpec = Annotated[
+    RequestsWorkload | SessionsWorkload | AgenticWorkload | TraceWorkload,
+    Field(discriminator="kind"),
+]
 
 #: Validates a plain mapping (e.g. parsed YAML) into a :data:`WorkloadSpec`.
-WORKLOAD_SPEC_ADAPTER: TypeAdapter[RequestsWorkload | SessionsWorkload] = TypeAdapter(WorkloadSpec)
+WORKLOAD_SPEC_ADAPTER: TypeAdapter[
+    RequestsWorkload | SessionsWorkload | AgenticWorkload | TraceWorkload
+] = TypeAdapter(WorkloadSpec)

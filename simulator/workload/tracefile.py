@@ -40,8 +40,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def get_int(obj: dict, key: str, where: Where, *, minimum: int | None = 0,
-            required: bool = True, field: str | None = None, default: int | None = None) -> int | None:
+def get_int(
+    obj: dict,
+    key: str,
+    where: Where,
+    *,
+    minimum: int | None = 0,
+    required: bool = True,
+    field: str | None = None,
+    default: int | None = None,
+) -> int | None:
     """An integer field (an integral float such as ``500.0`` is accepted; ``true`` is not)."""
     name = field or key
     if key not in obj or obj[key] is None:
@@ -60,9 +68,17 @@ def get_int(obj: dict, key: str, where: Where, *, minimum: int | None = 0,
     return v
 
 
-def get_number(obj: dict, key: str, where: Where, *, minimum: float | None = 0.0,
-               required: bool = True, field: str | None = None, default: float = 0.0,
-               nan_as_default: bool = False) -> float:
+def get_number(
+    obj: dict,
+    key: str,
+    where: Where,
+    *,
+    minimum: float | None = 0.0,
+    required: bool = True,
+    field: str | None = None,
+    default: float = 0.0,
+    nan_as_default: bool = False,
+) -> float:
     """A finite number (``null`` -> ``default`` unless required)."""
     name = field or key
     if key not in obj or obj[key] is None:
@@ -110,7 +126,9 @@ def rows_to_graph(
     if n == 0:
         raise WorkloadError(f"{source}: no requests in the file")
     keys: dict = {}
-    sess = np.fromiter((keys.setdefault(k, len(keys)) for k in session_key), dtype=np.int64, count=n)
+    sess = np.fromiter(
+        (keys.setdefault(k, len(keys)) for k in session_key), dtype=np.int64, count=n
+    )
     # rank rows session-major, file order inside a session
     rank_of_row = np.empty(n, dtype=np.int64)
     rank_of_row[np.argsort(sess, kind="stable")] = np.arange(n, dtype=np.int64)
@@ -170,7 +188,7 @@ def _raise_cycle(n, order, row_by_rank, parents, rank_of_row, describe_row, sour
         seen[row] = len(path)
         path.append(row)
         row = next(p for p in parents[row] if not done[p])
-    cycle = path[seen[row]:]
+    cycle = path[seen[row] :]
     cycle.reverse()  # parent -> child order
     chain = " -> ".join(describe_row(i) for i in cycle + [cycle[0]])
     raise WorkloadError(f"{source}: dependency cycle: {chain}")

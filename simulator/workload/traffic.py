@@ -137,8 +137,9 @@ def _arrivals(t: RateTraffic, rate: float, rng: np.random.Generator, n: int) -> 
     return out
 
 
-def _arrivals_until(t: RateTraffic, rate: float, rng: np.random.Generator, duration: float,
-                    cap: int | None) -> np.ndarray:
+def _arrivals_until(
+    t: RateTraffic, rate: float, rng: np.random.Generator, duration: float, cap: int | None
+) -> np.ndarray:
     """Arrival times before ``duration`` (at most ``cap``), drawn in growing batches."""
     guess = int(rate * duration * 1.2) + 16
     while True:

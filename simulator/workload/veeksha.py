@@ -112,13 +112,22 @@ def read_veeksha(path: str | Path) -> SessionGraph:
                         "session_context.history_parent",
                         f"{hp} is not one of parent_nodes {pn}",
                     )
-            wait = get_number(c, "wait_after_ready", where, required=False,
-                              field="session_context.wait_after_ready", nan_as_default=True)
+            wait = get_number(
+                c,
+                "wait_after_ready",
+                where,
+                required=False,
+                field="session_context.wait_after_ready",
+                nan_as_default=True,
+            )
             ctx.append({"node": node, "parents": pn, "hp": hp, "wait": wait})
         else:
             ctx.append(None)
-        legacy_wait.append(get_number(row, "wait_after_previous_response_s", where,
-                                      required=False, nan_as_default=True))
+        legacy_wait.append(
+            get_number(
+                row, "wait_after_previous_response_s", where, required=False, nan_as_default=True
+            )
+        )
         turn_idx.append(get_int(row, "turn_idx", where, required=False, minimum=0))
         lines.append(lineno)
     n = len(lines)
@@ -175,7 +184,8 @@ def read_veeksha(path: str | Path) -> SessionGraph:
                 for i in rows:
                     if turn_idx[i] in seen:
                         raise Where(src, lines[i]).error(
-                            "turn_idx", f"duplicate turn_idx {turn_idx[i]} in session {key!r} "
+                            "turn_idx",
+                            f"duplicate turn_idx {turn_idx[i]} in session {key!r} "
                             f"(first on line {lines[seen[turn_idx[i]]]})",
                         )
                     seen[turn_idx[i]] = i
@@ -204,7 +214,8 @@ def write_veeksha(g: SessionGraph, path: str | Path) -> None:
     """Write ``g`` as a Veeksha trace with ``session_context`` on every row.
 
     Veeksha has no shared prefixes and no partial history: a request's prefix tokens are written
-    as fresh input of its root, and a partial history as the full history.
+    as fresh input of its root, and a partial history as the full history. Dependencies between
+    sessions (closed-loop traffic) are left out: traffic is not part of a trace.
     """
     inherited, prompt, _ = graph_positions(g)
     bounds = session_bounds(g)
@@ -226,7 +237,7 @@ def write_veeksha(g: SessionGraph, path: str | Path) -> None:
                     "cacheable_history_tokens": int(inherited[r]) if hp[r] >= 0 else 0,
                     "session_context": {
                         "node_id": node,
-                        "parent_nodes": [int(p - lo) for p in pid[ps[r]:ps[r + 1]]],
+                        "parent_nodes": [int(p - lo) for p in pid[ps[r] : ps[r + 1]] if p >= lo],
                         "history_parent": hist,
                         "wait_after_ready": float(g.wait[r]),
                     },

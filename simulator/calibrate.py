@@ -1,0 +1,669 @@
+"""Fit a hardware profile's efficiency terms to operator measurements; check whole steps.
+
+The measurements are the CSVs written by ``hardware_profiles/measure/measure.py`` (one per kind,
+units in the column names) plus its ``metadata.json``. Two uses:
+
+- :func:`calibrate` fits the profile's efficiencies and kernel-shape terms with
+  ``scipy.optimize.least_squares`` (log residuals: every row weighs by its relative error) from
+  the *operator* rows only: GEMMs, attention prefill and decode, MoE expert GEMMs, elementwise
+  kernels. Whole-step rows (``steps.csv``) are never used for fitting.
+- :func:`validate_steps` predicts every whole-step row with the cost model and a profile and
+  reports the absolute percentage errors per kind (prefill, decode, mixed).
+
+The operator formulas below are the cost model's (:mod:`simulator.costmodel`) applied to one
+kernel: a GEMM takes ``gemm_latency_s + smooth_max(flops / rate, bytes / bandwidth, p)``, and so
+on; ``tests/test_calibrate.py`` checks that both agree.
+
+Measured step times are GPU time of the forward pass (CUDA-graph replay); the cost model's
+``step_overhead_s`` (host-side scheduling and sampling, not measurable with torch ops) is left out
+of the prediction when comparing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.optimize import least_squares
+
+from simulator.costmodel import P_STEP_OVERHEAD, build_cost_params, step_seconds
+from simulator.hardware import HardwareProfile, hardware_from_dict, load_hardware
+from simulator.models import load_model
+
+__all__ = [
+    "CalibrationError",
+    "FitResult",
+    "MeasurementError",
+    "Measurements",
+    "calibrate",
+    "load_measurements",
+    "predict_operators",
+    "profile_to_yaml",
+    "validate_steps",
+]
+
+#: Kernels per elementwise row as the reference layer of ``measure.py`` runs them: SiLU-and-mul
+#: is two torch ops, RoPE on q and k seven each, the KV write two copies.
+ELEMENTWISE_KERNELS = {"rms_norm": 1, "silu_mul": 2, "residual_add": 1, "rope": 14, "kv_write": 2}
+
+#: Occurrences per decoder layer of the reference layer (Llama-3.1-8B) and the bytes each moves
+#: per token (one read of each input, one write of each output, bf16), used to turn the per-op
+#: fits into the profile's two numbers: ``layer_overhead_s`` = the layer's small kernels x their
+#: fitted latencies, ``elementwise_bandwidth_efficiency`` = the layer's byte-weighted mix.
+_H, _F, _HQ, _HK, _D = 4096, 14336, 32, 8, 128
+REFERENCE_LAYER_OPS = {
+    "rms_norm": (2, 2 * (2 * _H)),
+    "residual_add": (2, 2 * (3 * _H)),
+    "silu_mul": (1, 2 * (3 * _F)),
+    "rope": (1, 2 * (2 * (_HQ + _HK) * _D)),
+    "kv_write": (1, 2 * (2 * 2 * _HK * _D)),
+}
+REFERENCE_SMALL_OPS_PER_LAYER = sum(
+    n * ELEMENTWISE_KERNELS[op] for op, (n, _) in REFERENCE_LAYER_OPS.items()
+)
+
+#: FlashAttention-2 as PyTorch calls it splits the KV of a decode batch over the SMs while
+#: batch x KV heads < 0.8 x 2 x SMs (its num_splits_heuristic; 132 SMs on H100 and H200).
+DEFAULT_DECODE_SPLIT_BELOW = 0.8 * 2 * 132
+
+#: Required columns per measurement file. Units are part of the names.
+OPERATOR_COLUMNS = {
+    "gemm": ("dtype", "m", "n", "k", "flops", "bytes", "seconds"),
+    "attention_prefill": ("query_tokens", "context_tokens", "flops", "bytes", "seconds"),
+    "attention_decode": ("batch", "kv_heads", "context_tokens", "flops", "bytes", "seconds"),
+    "moe": ("tokens", "experts_touched", "moe_inter", "top_k", "flops", "bytes", "seconds"),
+    "elementwise": ("op", "tokens", "bytes", "seconds"),
+}
+OPTIONAL_FILES = {
+    "memcpy": ("direction", "pinned", "bytes", "seconds"),
+    "launch": ("kernels", "timing", "seconds"),
+}
+STEP_COLUMNS = (
+    "model",
+    "kind",
+    "layers",
+    "prefill_new_tokens",
+    "prefill_context_tokens",
+    "decode_batch",
+    "decode_context_tokens",
+    "seconds_graph",
+)
+#: Column names that say a time is not in seconds: a unit mismatch.
+_WRONG_TIME_UNITS = ("ms", "us", "ns", "milliseconds", "microseconds", "nanoseconds")
+
+#: Targets for validate-steps (absolute percentage error of whole steps).
+TARGET_MEDIAN_PCT = 5.0
+TARGET_P90_PCT = 12.0
+
+#: Fitted profile fields, with the operator group that determines each.
+FITTED_FIELDS = {
+    "matmul_efficiency": "gemm",
+    "fp8_matmul_efficiency": "gemm",
+    "memory_efficiency": "gemm",
+    "gemm_smoothness": "gemm",
+    "gemm_latency_s": "gemm",
+    "attention_efficiency": "attention",
+    "attention_prefill_latency_s": "attention",
+    "attention_prefill_token_s": "attention",
+    "attention_decode_latency_s": "attention",
+    "attention_decode_seq_s": "attention",
+    "attention_decode_bandwidth_efficiency": "attention",
+    "attention_decode_efficiency": "attention",
+    "elementwise_bandwidth_efficiency": "elementwise",
+    "elementwise_latency_s": "elementwise",
+    "layer_overhead_s": "elementwise",
+    "grouped_gemm_efficiency": "moe",
+}
+
+
+class MeasurementError(ValueError):
+    """Measurements that cannot be used: missing file or column, unit mismatch, wrong GPU."""
+
+
+class CalibrationError(RuntimeError):
+    """A fit that did not converge; no profile is written."""
+
+
+@dataclass
+class Measurements:
+    """The CSVs of one measurement directory, as DataFrames, and its metadata."""
+
+    path: Path
+    metadata: dict
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    @property
+    def gpu_name(self) -> str:
+        return str(self.metadata.get("gpu_name", ""))
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise MeasurementError(f"{path}: not a readable CSV ({exc})") from None
+    cols = set(df.columns)
+    wrong = [c for c in df.columns if c.split("_")[0] in _WRONG_TIME_UNITS]
+    if "seconds" in required and "seconds" not in cols and wrong:
+        raise MeasurementError(
+            f"{path}: unit mismatch: times must be in a 'seconds' column (found {wrong[0]!r})"
+        )
+    if "seconds_graph" in required and "seconds_graph" not in cols and wrong:
+        raise MeasurementError(
+            f"{path}: unit mismatch: step times must be in 'seconds_graph' (found {wrong[0]!r})"
+        )
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise MeasurementError(f"{path}: missing column(s) {', '.join(missing)}")
+    if df.empty:
+        raise MeasurementError(f"{path}: no rows")
+    for c in required:
+        if c in ("seconds", "seconds_graph", "flops", "bytes"):
+            v = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)
+            if not np.all(np.isfinite(v)) or np.any(v <= 0):
+                raise MeasurementError(f"{path}: column {c!r} must hold positive numbers")
+            if c.startswith("seconds") and np.any(v > 1e3):
+                raise MeasurementError(
+                    f"{path}: unit mismatch: {c!r} holds values over 1000 (not seconds?)"
+                )
+    return df
+
+
+def load_measurements(path: str | Path, need_operators: bool = True) -> Measurements:
+    """Read a measurement directory; MeasurementError (one line) on anything unusable."""
+    root = Path(path)
+    if not root.is_dir():
+        raise MeasurementError(f"{root}: not a directory of measurements")
+    meta_path = root / "metadata.json"
+    if not meta_path.is_file():
+        raise MeasurementError(f"{meta_path}: missing (the GPU name is read from it)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MeasurementError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not str(meta.get("gpu_name", "")).strip():
+        raise MeasurementError(f"{meta_path}: no 'gpu_name'")
+    m = Measurements(root, meta)
+    if need_operators:
+        for kind, cols in OPERATOR_COLUMNS.items():
+            f = root / f"{kind}.csv"
+            if not f.is_file():
+                raise MeasurementError(f"{f}: missing")
+            m.tables[kind] = _read_csv(f, cols)
+        for kind, cols in OPTIONAL_FILES.items():
+            f = root / f"{kind}.csv"
+            if f.is_file():
+                m.tables[kind] = _read_csv(f, cols)
+    f = root / "steps.csv"
+    if f.is_file():
+        m.tables["steps"] = _read_csv(f, STEP_COLUMNS)
+    elif not need_operators:
+        raise MeasurementError(f"{f}: missing")
+    return m
+
+
+def gpu_token(hw: HardwareProfile) -> str:
+    """The GPU model a profile describes, as it appears in CUDA's device name (``H100``)."""
+    return hw.name.split("-")[0].upper()
+
+
+def check_gpu(meas: Measurements, hw: HardwareProfile) -> None:
+    if gpu_token(hw) not in meas.gpu_name.upper():
+        raise MeasurementError(
+            f"{meas.path}: measured on {meas.gpu_name!r}, which does not match profile "
+            f"{hw.name!r} (expected {gpu_token(hw)!r} in the GPU name)"
+        )
+
+
+def infer_hardware(meas: Measurements) -> HardwareProfile:
+    """The shipped profile whose GPU appears in the measurements' GPU name."""
+    name = meas.gpu_name.upper()
+    for ref in ("h100-sxm", "h200", "b200"):
+        hw = load_hardware(ref)
+        if gpu_token(hw) in name:
+            return hw
+    raise MeasurementError(
+        f"{meas.path}: no shipped profile matches GPU {meas.gpu_name!r}; pass --hardware"
+    )
+
+
+# ---------------------------------------------------------------------- operator formulas
+
+
+def _smooth(a, b, p):
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    hi = np.maximum(a, b)
+    lo = np.minimum(a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(hi > 0, lo / np.where(hi > 0, hi, 1.0), 0.0)
+    if p >= 64.0:
+        return hi
+    return hi * (1.0 + r**p) ** (1.0 / p)
+
+
+def predict_operators(meas: Measurements, hw: HardwareProfile) -> dict[str, np.ndarray]:
+    """Predicted seconds of every operator row under ``hw`` (the cost model's formulas)."""
+    t = meas.tables
+    out = {}
+    p = hw.gemm_smoothness
+    bw = hw.hbm_bandwidth
+    g = t["gemm"]
+    rate = np.where(
+        g["dtype"].to_numpy() == "fp8",
+        hw.peak_flops.fp8 * hw.fp8_matmul_efficiency,
+        hw.peak_flops.bf16 * hw.matmul_efficiency,
+    )
+    out["gemm"] = hw.gemm_latency_s + _smooth(
+        g["flops"] / rate, g["bytes"] / (bw * hw.memory_efficiency), p
+    )
+    attn_rate = hw.peak_flops.bf16 * hw.attention_efficiency
+    dec_bw = bw * hw.attention_decode_bandwidth_efficiency
+    a = t["attention_prefill"]
+    out["attention_prefill"] = (
+        hw.attention_prefill_latency_s
+        + a["query_tokens"].to_numpy() * hw.attention_prefill_token_s
+        + _smooth(a["flops"] / attn_rate, a["bytes"] / dec_bw, p)
+    )
+    d = t["attention_decode"]
+    dec_rate = np.where(
+        _unsplit(d, hw.attention_decode_split_below),
+        hw.peak_flops.bf16 * hw.attention_decode_efficiency,
+        attn_rate,
+    )
+    out["attention_decode"] = (
+        hw.attention_decode_latency_s
+        + d["batch"].to_numpy() * hw.attention_decode_seq_s
+        + _smooth(d["flops"] / dec_rate, d["bytes"] / dec_bw, p)
+    )
+    e = t["elementwise"]
+    kernels = e["op"].map(ELEMENTWISE_KERNELS).fillna(1).to_numpy(dtype=float)
+    per_op = (hw.calibration or {}).get("elementwise_ops", {})
+    lat = np.full(len(e), hw.elementwise_latency_s)
+    elem_bw = np.full(len(e), bw * hw.elementwise_bandwidth_efficiency)
+    for op, fit in per_op.items():  # per-op fits where the profile keeps them
+        sel = e["op"].to_numpy() == op
+        lat[sel] = fit["latency_s"]
+        elem_bw[sel] = fit["bandwidth_bytes_per_s"]
+    out["elementwise"] = kernels * lat + e["bytes"].to_numpy() / elem_bw
+    elem_bw = bw * hw.elementwise_bandwidth_efficiency
+    mo = t["moe"]
+    assign = mo["tokens"].to_numpy(dtype=float) * mo["top_k"].to_numpy(dtype=float)
+    silu_bytes = 2.0 * 3.0 * assign * mo["moe_inter"].to_numpy(dtype=float)
+    geff = hw.grouped_gemm_efficiency
+    out["moe"] = (
+        2.0 * hw.gemm_latency_s
+        + _smooth(
+            mo["flops"] / (hw.peak_flops.bf16 * hw.matmul_efficiency * geff),
+            (mo["bytes"] - silu_bytes) / (bw * hw.memory_efficiency * geff),
+            p,
+        )
+        + 2.0 * hw.elementwise_latency_s
+        + silu_bytes / elem_bw
+    )
+    return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
+def _unsplit(d: pd.DataFrame, split_below: float) -> np.ndarray:
+    """Decode rows whose batch x KV heads is large enough that the KV is not split."""
+    work = d["batch"].to_numpy(dtype=float) * d["kv_heads"].to_numpy(dtype=float)
+    return (work >= split_below) & (split_below > 0)
+
+
+# ----------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitResult:
+    """Fitted values, per-group residual summaries and the fitted profile."""
+
+    values: dict[str, float]
+    residuals: dict[str, dict[str, float]]
+    profile: HardwareProfile
+    messages: list[str] = field(default_factory=list)
+
+
+def _abs_pct(pred, meas) -> np.ndarray:
+    return 100.0 * np.abs(np.asarray(pred) / np.asarray(meas) - 1.0)
+
+
+def _summary(err: np.ndarray) -> dict[str, float]:
+    return {
+        "rows": int(err.size),
+        "median_abs_pct": float(np.median(err)),
+        "p90_abs_pct": float(np.percentile(err, 90)),
+        "max_abs_pct": float(np.max(err)),
+    }
+
+
+def _solve(name, fun, x0, lo, hi, max_nfev):
+    try:
+        r = least_squares(fun, x0, bounds=(lo, hi), max_nfev=max_nfev, x_scale="jac")
+    except (ValueError, FloatingPointError) as exc:
+        raise CalibrationError(f"fit of {name} failed: {exc}") from None
+    if not r.success or not np.all(np.isfinite(r.x)) or not np.isfinite(r.cost):
+        raise CalibrationError(f"fit of {name} did not converge: {r.message}")
+    return r.x
+
+
+def calibrate(
+    meas: Measurements,
+    hw: HardwareProfile,
+    max_nfev: int | None = None,
+    date: str | None = None,
+    source_dir: str | None = None,
+) -> FitResult:
+    """Fit ``hw``'s efficiency and kernel-shape terms to ``meas``'s operator rows.
+
+    Peaks (datasheet numbers) are kept; CalibrationError when a fit does not converge.
+    """
+    check_gpu(meas, hw)
+    t = meas.tables
+    bw = hw.hbm_bandwidth
+    pk16 = hw.peak_flops.bf16
+    pk8 = hw.peak_flops.fp8
+    v: dict[str, float] = {}
+
+    # GEMMs: [bf16 eff, fp8 eff, memory eff, smoothness, latency (us)]
+    g = t["gemm"]
+    is8 = g["dtype"].to_numpy() == "fp8"
+    gf = g["flops"].to_numpy(dtype=float)
+    gb = g["bytes"].to_numpy(dtype=float)
+    gt = g["seconds"].to_numpy(dtype=float)
+
+    def gemm_model(x):
+        rate = np.where(is8, pk8 * x[1], pk16 * x[0])
+        return x[4] * 1e-6 + _smooth(gf / rate, gb / (bw * x[2]), x[3])
+
+    x = _solve(
+        "gemm",
+        lambda x: np.log(gemm_model(x) / gt),
+        [0.75, 0.7, 0.85, 4.0, 3.0],
+        [0.05, 0.05, 0.05, 1.0, 0.0],
+        [1.0, 1.0, 1.0, 64.0, 200.0],
+        max_nfev,
+    )
+    v.update(
+        matmul_efficiency=x[0],
+        fp8_matmul_efficiency=x[1] if is8.any() else hw.fp8_matmul_efficiency,
+        memory_efficiency=x[2],
+        gemm_smoothness=x[3],
+        gemm_latency_s=x[4] * 1e-6,
+    )
+    p = x[3]
+
+    # attention, prefill and decode together:
+    # [attn eff, prefill latency us, prefill ns/token, decode bw eff, decode latency us,
+    #  decode ns/sequence]
+    a = t["attention_prefill"]
+    d = t["attention_decode"]
+    af, ab, aq = (a[c].to_numpy(dtype=float) for c in ("flops", "bytes", "query_tokens"))
+    df_, db, dn = (d[c].to_numpy(dtype=float) for c in ("flops", "bytes", "batch"))
+    at = a["seconds"].to_numpy(dtype=float)
+    dt = d["seconds"].to_numpy(dtype=float)
+    split_below = hw.attention_decode_split_below
+    unsplit = _unsplit(d, split_below)
+
+    def attn_model(x):
+        rate = pk16 * x[0]
+        dbw = bw * x[3]
+        drate = np.where(unsplit, pk16 * x[6], rate)
+        pre = x[1] * 1e-6 + aq * x[2] * 1e-9 + _smooth(af / rate, ab / dbw, p)
+        dec = x[4] * 1e-6 + dn * x[5] * 1e-9 + _smooth(df_ / drate, db / dbw, p)
+        return pre, dec
+
+    def attn_res(x):
+        pre, dec = attn_model(x)
+        return np.concatenate([np.log(pre / at), np.log(dec / dt)])
+
+    x = _solve(
+        "attention",
+        attn_res,
+        [0.35, 10.0, 20.0, 0.75, 8.0, 50.0, 0.01],
+        [0.01, 0.0, 0.0, 0.05, 0.0, 0.0, 1e-4],
+        [1.0, 1e4, 1e5, 1.0, 1e4, 1e5, 1.0],
+        max_nfev,
+    )
+    v.update(
+        attention_efficiency=x[0],
+        attention_prefill_latency_s=x[1] * 1e-6,
+        attention_prefill_token_s=x[2] * 1e-9,
+        attention_decode_bandwidth_efficiency=x[3],
+        attention_decode_latency_s=x[4] * 1e-6,
+        attention_decode_seq_s=x[5] * 1e-9,
+        attention_decode_efficiency=x[6] if unsplit.any() else hw.attention_decode_efficiency,
+    )
+
+    # elementwise, one fit per op: [latency us per kernel, bandwidth TB/s]
+    e = t["elementwise"]
+    missing = sorted(set(REFERENCE_LAYER_OPS) - set(e["op"]))
+    if missing:
+        raise MeasurementError(
+            f"{meas.path / 'elementwise.csv'}: no rows for op(s) {', '.join(missing)}"
+        )
+    ops = {}
+    for op in REFERENCE_LAYER_OPS:
+        rows = e[e["op"] == op]
+        k = ELEMENTWISE_KERNELS[op]
+        eb = rows["bytes"].to_numpy(dtype=float)
+        et = rows["seconds"].to_numpy(dtype=float)
+        x = _solve(
+            f"elementwise {op}",
+            lambda x, k=k, eb=eb, et=et: np.log((k * x[0] * 1e-6 + eb / (x[1] * 1e12)) / et),
+            [2.0, 1.0],
+            [0.0, 1e-3],
+            [1e3, 1e2],
+            max_nfev,
+        )
+        ops[op] = {"latency_s": _round(x[0] * 1e-6), "bandwidth_bytes_per_s": _round(x[1] * 1e12)}
+    overhead = sum(
+        n * ELEMENTWISE_KERNELS[op] * ops[op]["latency_s"]
+        for op, (n, _) in REFERENCE_LAYER_OPS.items()
+    )
+    nbytes = sum(n * b for n, b in REFERENCE_LAYER_OPS.values())
+    seconds = sum(
+        n * b / ops[op]["bandwidth_bytes_per_s"] for op, (n, b) in REFERENCE_LAYER_OPS.items()
+    )
+    v.update(
+        layer_overhead_s=overhead,
+        elementwise_latency_s=overhead / REFERENCE_SMALL_OPS_PER_LAYER,
+        elementwise_bandwidth_efficiency=min(1.0, nbytes / seconds / bw),
+    )
+
+    # MoE grouped expert GEMMs: [grouped efficiency], the GEMM and elementwise terms fixed
+    base = hw.model_copy(update={**v, "grouped_gemm_efficiency": 1.0})
+    mo = t["moe"]
+    mt = mo["seconds"].to_numpy(dtype=float)
+
+    def moe_res(x):
+        trial = base.model_copy(update={"grouped_gemm_efficiency": float(x[0])})
+        return np.log(predict_operators(meas, trial)["moe"] / mt)
+
+    x = _solve("moe", moe_res, [0.6], [0.01], [1.0], max_nfev)
+    v["grouped_gemm_efficiency"] = x[0]
+
+    v = {k: _round(val) for k, val in v.items()}
+    fitted = _fitted_profile(hw, v, meas, date, source_dir)
+    fitted = fitted.model_copy(update={"calibration": {"elementwise_ops": ops}})
+    pred = predict_operators(meas, fitted)
+    residuals = {}
+    for kind, pr in pred.items():
+        measured = t[kind]["seconds"].to_numpy(dtype=float)
+        if kind == "gemm":
+            for dtype in ("bf16", "fp8"):
+                sel = t["gemm"]["dtype"].to_numpy() == dtype
+                if sel.any():
+                    residuals[f"gemm_{dtype}"] = _summary(_abs_pct(pr[sel], measured[sel]))
+        else:
+            residuals[kind] = _summary(_abs_pct(pr, measured))
+    block = _calibration_block(meas, residuals, date)
+    block["elementwise_ops"] = ops
+    fitted = fitted.model_copy(update={"calibration": block})
+    return FitResult(values=v, residuals=residuals, profile=fitted)
+
+
+def _round(x: float) -> float:
+    """Four significant digits: the fits are not better than that."""
+    x = float(x)
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.4g}")
+
+
+def _today(date: str | None) -> str:
+    return date or datetime.date.today().isoformat()
+
+
+def _calibration_block(meas: Measurements, residuals: dict, date: str | None) -> dict:
+    md = meas.metadata
+    return {
+        "measurements": str(meas.path),
+        "gpu_name": meas.gpu_name,
+        "measured_on": str(md.get("date", "unknown")),
+        "software": f"torch {md.get('torch', '?')}, CUDA {md.get('cuda', '?')}",
+        "fitted_on": _today(date),
+        "residuals": {
+            k: {kk: round(vv, 2) if isinstance(vv, float) else vv for kk, vv in r.items()}
+            for k, r in residuals.items()
+        },
+    }
+
+
+_FIT_NOTES = {
+    "gemm": "bf16 and fp8 GEMM rows (F.linear / torch._scaled_mm, M 1..16384 over Llama-3.1-8B "
+    "and Qwen3-30B-A3B shapes): t = gemm_latency_s + smooth_max(flops / (peak x eff), "
+    "bytes / (hbm_bandwidth x memory_efficiency), gemm_smoothness)",
+    "attention": "FlashAttention-2 (aten._flash_attention_forward) prefill rows (query x context, "
+    "causal, GQA) and decode rows (batch x context): prefill t = latency + query_tokens x "
+    "token_s + smooth_max(flops / (bf16 peak x attention_efficiency), bytes / decode bandwidth); "
+    "decode t = latency + batch x seq_s + the same roofline term",
+    "elementwise": "RMSNorm, SiLU-and-mul, residual-add, RoPE and KV-write rows, one fit per op "
+    "(t = kernels x latency + bytes / bandwidth), combined over the reference layer of measure.py "
+    f"({REFERENCE_SMALL_OPS_PER_LAYER} small torch ops per layer): layer_overhead_s = the "
+    "layer's kernels x their latencies, elementwise_latency_s = that / "
+    f"{REFERENCE_SMALL_OPS_PER_LAYER}, elementwise_bandwidth_efficiency = the layer's bytes over "
+    "the sum of bytes / per-op bandwidth, as a fraction of hbm_bandwidth",
+    "moe": "Qwen3-30B-A3B grouped expert GEMM rows (torch._grouped_mm, tokens x experts "
+    "touched), GEMM terms fixed: the rate and bandwidth of grouped GEMMs as a fraction of dense",
+}
+
+
+def _fitted_profile(
+    hw: HardwareProfile, v: dict, meas: Measurements, date: str | None, source_dir: str | None
+) -> HardwareProfile:
+    where = source_dir or str(meas.path)
+    sources = dict(hw.sources)
+    for name, group in FITTED_FIELDS.items():
+        sources[name] = (
+            f"fitted by servesim calibrate from {where} on {_today(date)} "
+            f"({meas.gpu_name}, measured {meas.metadata.get('date', '?')}, "
+            f"torch {meas.metadata.get('torch', '?')}): {_FIT_NOTES[group]}"
+        )
+    data = hw.model_dump()
+    data.update(v)
+    data["sources"] = sources
+    return hardware_from_dict(data, f"fitted {hw.name}")
+
+
+def profile_to_yaml(hw: HardwareProfile, header: str = "") -> str:
+    """The profile as YAML, fields in declaration order, sources last."""
+    data = hw.model_dump(exclude_none=False)
+    sources = data.pop("sources")
+    calib = data.pop("calibration", None)
+    text = header
+    text += yaml.safe_dump(data, sort_keys=False, width=100)
+    if calib:
+        text += yaml.safe_dump({"calibration": calib}, sort_keys=False, width=100)
+    text += yaml.safe_dump({"sources": sources}, sort_keys=False, width=10_000)
+    return text
+
+
+# ------------------------------------------------------------------------------ validate
+
+
+def _step_batch(row) -> tuple[np.ndarray, np.ndarray]:
+    new: list[int] = []
+    ctx: list[int] = []
+    if int(row["prefill_new_tokens"]) > 0:
+        new.append(int(row["prefill_new_tokens"]))
+        ctx.append(int(row["prefill_context_tokens"]))
+    b = int(row["decode_batch"])
+    new += [1] * b
+    ctx += [int(row["decode_context_tokens"])] * b
+    return np.array(new, dtype=np.int64), np.array(ctx, dtype=np.int64)
+
+
+def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> dict:
+    """Predicted vs measured for every whole-step row; summary per kind and the worst rows."""
+    check_gpu(meas, hw)
+    if "steps" not in meas.tables:
+        raise MeasurementError(f"{meas.path / 'steps.csv'}: missing")
+    steps = meas.tables["steps"]
+    params_by_model: dict[str, np.ndarray] = {}
+    rows = []
+    for _, r in steps.iterrows():
+        name = str(r["model"])
+        if name not in params_by_model:
+            try:
+                model = load_model(name)
+            except ValueError as exc:
+                raise MeasurementError(f"steps.csv: model {name!r}: {exc}") from None
+            if int(r["layers"]) != model.num_layers:
+                raise MeasurementError(
+                    f"steps.csv: rows of {name} ran {int(r['layers'])} layers, "
+                    f"the model has {model.num_layers}"
+                )
+            params_by_model[name] = build_cost_params(model, hw)
+        params = params_by_model[name]
+        new, ctx = _step_batch(r)
+        predicted = float(step_seconds(params, new, ctx, len(new))) - params[P_STEP_OVERHEAD]
+        measured = float(r["seconds_graph"])
+        rows.append(
+            {
+                "kind": str(r["kind"]),
+                "model": name,
+                "batch": _describe(r),
+                "measured_seconds": measured,
+                "predicted_seconds": predicted,
+                "error_pct": 100.0 * (predicted / measured - 1.0),
+            }
+        )
+    kinds = {}
+    for kind in ("prefill", "decode", "mixed"):
+        err = np.array([abs(x["error_pct"]) for x in rows if x["kind"] == kind])
+        if err.size:
+            kinds[kind] = _summary(err)
+    allerr = np.array([abs(x["error_pct"]) for x in rows])
+    kinds["all"] = _summary(allerr)
+    for s in kinds.values():
+        s["meets_targets"] = bool(
+            s["median_abs_pct"] <= TARGET_MEDIAN_PCT and s["p90_abs_pct"] <= TARGET_P90_PCT
+        )
+    ranked = sorted(rows, key=lambda x: -abs(x["error_pct"]))
+    return {
+        "hardware": hw.name,
+        "calibrated": hw.calibrated,
+        "gpu_name": meas.gpu_name,
+        "measurements": str(meas.path),
+        "targets": {"median_abs_pct": TARGET_MEDIAN_PCT, "p90_abs_pct": TARGET_P90_PCT},
+        "note": "measured: GPU time of the forward pass (CUDA graph replay); predicted: "
+        "step_seconds minus step_overhead_s (host-side cost, not measured)",
+        "summary": kinds,
+        "worst": ranked[:worst],
+        "rows": rows,
+    }
+
+
+def _describe(r) -> str:
+    parts = []
+    if int(r["prefill_new_tokens"]) > 0:
+        parts.append(f"{int(r['prefill_new_tokens'])}@{int(r['prefill_context_tokens'])}")
+    if int(r["decode_batch"]) > 0:
+        parts.append(f"{int(r['decode_batch'])}x1@{int(r['decode_context_tokens'])}")
+    return " + ".join(parts)

@@ -1,0 +1,188 @@
+"""``servesim calibrate`` and ``servesim validate-steps``: fit a profile, check whole steps.
+
+Examples::
+
+    servesim calibrate hardware_profiles/measurements/h100-sxm -o h100-fitted.yaml
+    servesim validate-steps hardware_profiles/measurements/h100-sxm --hardware h100-fitted.yaml
+
+Exit status: 0 done; 1 a fit that did not converge (no profile written, the previous one kept)
+or, for validate-steps, targets not met; 2 bad input (missing file or column, unit mismatch,
+GPU name not matching the profile).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from simulator.calibrate import (
+    TARGET_MEDIAN_PCT,
+    TARGET_P90_PCT,
+    CalibrationError,
+    MeasurementError,
+    calibrate,
+    check_gpu,
+    infer_hardware,
+    load_measurements,
+    profile_to_yaml,
+    validate_steps,
+)
+from simulator.hardware import HardwareProfile, HardwareProfileError, load_hardware
+
+__all__ = ["calibrate_command", "validate_steps_command"]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    click.echo(f"error: {msg}", err=True)
+    raise SystemExit(code)
+
+
+def _hardware(ref: str | None, meas) -> HardwareProfile:
+    try:
+        hw = load_hardware(ref) if ref else infer_hardware(meas)
+        check_gpu(meas, hw)
+    except (HardwareProfileError, MeasurementError) as exc:
+        _fail(str(exc).splitlines()[0])
+    return hw
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+@click.command("calibrate")
+@click.argument("measurements", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Profile YAML to write."
+)
+@click.option(
+    "--hardware",
+    "hw_ref",
+    default=None,
+    help="Starting profile (peaks kept): shipped name or YAML path; default from the GPU name.",
+)
+@click.option(
+    "--max-evaluations",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap on model evaluations per fit (a fit that hits it has not converged).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the fit as one JSON object.")
+def calibrate_command(measurements, output, hw_ref, max_evaluations, as_json):
+    """Fit a hardware profile's efficiencies to operator measurements (never to step rows)."""
+    try:
+        meas = load_measurements(measurements)
+    except MeasurementError as exc:
+        _fail(str(exc))
+    hw = _hardware(hw_ref, meas)
+    try:
+        fit = calibrate(
+            meas, hw, max_nfev=max_evaluations, source_dir=_display_path(Path(measurements))
+        )
+    except MeasurementError as exc:
+        _fail(str(exc))
+    except CalibrationError as exc:
+        kept = f"{output} left as it was" if output.exists() else f"{output} not written"
+        _fail(f"{exc}; {kept}", code=1)
+    profile = fit.profile
+    try:  # calibrated only when the whole steps meet the targets on this GPU
+        report = validate_steps(meas, profile) if "steps" in meas.tables else None
+    except MeasurementError:
+        report = None
+    met = report is not None and all(s["meets_targets"] for s in report["summary"].values())
+    profile = profile.model_copy(update={"calibrated": met})
+    header = (
+        f"# {profile.name}: efficiencies fitted by servesim calibrate from "
+        f"{_display_path(Path(measurements))} ({meas.gpu_name}).\n"
+        f"# calibrated: {str(met).lower()} (validate-steps targets: median <= "
+        f"{TARGET_MEDIAN_PCT:g} %, p90 <= {TARGET_P90_PCT:g} % per kind).\n"
+    )
+    output.write_text(profile_to_yaml(profile, header))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "output": str(output),
+                    "hardware": profile.name,
+                    "calibrated": met,
+                    "values": fit.values,
+                    "residuals": fit.residuals,
+                    "steps": report["summary"] if report else None,
+                }
+            )
+        )
+        return
+    click.echo(f"fitted {profile.name} from {meas.gpu_name} -> {output}")
+    click.echo(_residual_table(fit.residuals))
+    if report:
+        click.echo("")
+        click.echo(_summary_table(report))
+    click.echo(f"calibrated: {str(met).lower()}")
+
+
+def _residual_table(residuals: dict) -> str:
+    lines = [f"{'operator group':20s} {'rows':>5s} {'median %':>9s} {'p90 %':>7s} {'max %':>7s}"]
+    for name, r in residuals.items():
+        lines.append(
+            f"{name:20s} {r['rows']:5d} {r['median_abs_pct']:9.1f} {r['p90_abs_pct']:7.1f} "
+            f"{r['max_abs_pct']:7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _summary_table(report: dict) -> str:
+    lines = [f"{'steps':8s} {'rows':>5s} {'median %':>9s} {'p90 %':>7s} {'max %':>7s}  targets"]
+    for kind, s in report["summary"].items():
+        lines.append(
+            f"{kind:8s} {s['rows']:5d} {s['median_abs_pct']:9.1f} {s['p90_abs_pct']:7.1f} "
+            f"{s['max_abs_pct']:7.1f}  {'met' if s['meets_targets'] else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+@click.command("validate-steps")
+@click.argument("measurements", type=click.Path(path_type=Path))
+@click.option(
+    "--hardware",
+    "hw_ref",
+    default=None,
+    help="Profile to check: shipped name or YAML path; default from the GPU name.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every row.")
+@click.option("--worst", type=click.IntRange(min=0), default=5, show_default=True)
+def validate_steps_command(measurements, hw_ref, as_json, worst):
+    """Predicted vs measured whole steps: absolute % error per kind and the worst rows."""
+    try:
+        meas = load_measurements(measurements, need_operators=False)
+    except MeasurementError as exc:
+        _fail(str(exc))
+    hw = _hardware(hw_ref, meas)
+    try:
+        report = validate_steps(meas, hw, worst=worst)
+    except MeasurementError as exc:
+        _fail(str(exc))
+    met = all(s["meets_targets"] for s in report["summary"].values())
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(
+            f"{hw.name} ({'calibrated' if hw.calibrated else 'uncalibrated'} profile) vs "
+            f"{meas.gpu_name}: {len(report['rows'])} step rows"
+        )
+        click.echo(report["note"])
+        click.echo(_summary_table(report))
+        if report["worst"]:
+            click.echo("\nworst rows:")
+            for r in report["worst"]:
+                click.echo(
+                    f"  {r['kind']:8s} {r['batch']:24s} measured {r['measured_seconds'] * 1e3:8.2f}"
+                    f" ms  predicted {r['predicted_seconds'] * 1e3:8.2f} ms  "
+                    f"{r['error_pct']:+6.1f} %"
+                )
+    if not met:
+        raise SystemExit(1)
