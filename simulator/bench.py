@@ -16,7 +16,7 @@ from simulator.workload.spec import RequestsWorkload
 
 # Near saturation for this model/GPU with the shipped cost model: the replica is busy almost all
 # the time but queues stay bounded (see README "Benchmark").
-BENCH_RATE = 20.0
+BENCH_RATE = 17.0
 
 
 def bench_experiment(num_requests: int, rate: float = BENCH_RATE) -> Experiment:

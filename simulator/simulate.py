@@ -102,6 +102,7 @@ from simulator.specdec import (
 )
 from simulator.workload.compile import compile_workload
 from simulator.workload.compiled import CompiledWorkload
+from simulator.workload.timeline import session_timelines
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,11 @@ class Result:
     )  # [replica, k]: seconds of steps with exactly k decoding sequences
 
     @property
+    def sessions(self) -> pd.DataFrame:
+        """One row per session: time in queue, on the GPU and waiting for tools (seconds)."""
+        return session_timelines(self.requests)
+
+    @property
     def num_gpus(self) -> int:
         return sum(p.tp for p in self.replicas_plan)
 
@@ -241,6 +247,7 @@ class Result:
         out.mkdir(parents=True, exist_ok=True)
         self.requests.to_parquet(out / "requests.parquet", index=False)
         self.replicas.to_parquet(out / "replicas.parquet", index=False)
+        self.sessions.to_parquet(out / "sessions.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=float))
         np.save(out / "token_gaps_hist.npy", self.gap_hist)
         np.save(out / "token_gaps_hist_windows.npy", self.gap_hist_windows)
