@@ -24,16 +24,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from simulator.textio import parse_yaml, read_text
 from simulator.workload.compile import format_validation_error, parse_workload_spec
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.spec import WorkloadSpec
@@ -106,10 +107,13 @@ class EngineConfig(_Model):
     weight_dtype: Literal["bf16", "fp8"] = "bf16"
     kv_dtype: Literal["bf16", "fp8"] = "bf16"
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1024, description="tokens per KV block")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="token budget per step")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=10_000_000, description="token budget per step"
+    )
     max_num_seqs: int | None = Field(None, ge=1, le=65536, description="max running requests")
     max_model_len: int | None = Field(
-        None, ge=2, description=f"max prompt + output tokens (default {DEFAULT_MAX_MODEL_LEN})"
+        None, ge=2, le=100_000_000,
+        description=f"max prompt + output tokens (default {DEFAULT_MAX_MODEL_LEN})",
     )
     gpu_memory_utilization: float = Field(DEFAULT_GPU_MEMORY_UTILIZATION, gt=0.0, le=1.0)
     enable_prefix_caching: bool = True
@@ -117,7 +121,8 @@ class EngineConfig(_Model):
         None, ge=0.0, description="GPU memory kept for activations (GiB); default: estimated"
     )
     num_gpu_blocks_override: int | None = Field(
-        None, ge=1, description="force the KV block count (as vLLM's num_gpu_blocks_override)"
+        None, ge=1, le=100_000_000,
+        description="force the KV block count (as vLLM's num_gpu_blocks_override)",
     )
     speculative: SpeculativeConfig | None = None
 
@@ -237,22 +242,13 @@ class Experiment(_Model):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     workload: WorkloadSpec
     outputs: OutputConfig = Field(default_factory=OutputConfig)
+    # the file it was read from; errors found while planning the run name it
+    _source: str = PrivateAttr("<experiment>")
 
 
 def load_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ExperimentError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ExperimentError(f"{path}: malformed YAML{where}: {problem}") from None
+    """Parsed YAML of ``path``; every problem is an :class:`ExperimentError` naming the file."""
+    return parse_yaml(read_text(path, ExperimentError), path, ExperimentError)
 
 
 def _resolve_workload(value: Any, base: Path, source: str) -> WorkloadSpec:
@@ -295,10 +291,12 @@ def parse_experiment(data: Any, source: str = "<experiment>", base: Path | None 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML file."""
     path = Path(path)
-    return parse_experiment(load_yaml(path), str(path), path.parent)
+    exp = parse_experiment(load_yaml(path), str(path), path.parent)
+    exp._source = str(path)
+    return exp
 
 
-def engine_for(exp: Experiment, group: ReplicaGroup, source: str = "<experiment>") -> EngineConfig:
+def engine_for(exp: Experiment, group: ReplicaGroup, where: str = "cluster.replicas") -> EngineConfig:
     """The engine of a replica group: the experiment's engine with the group's overrides."""
     if not group.engine:
         return exp.engine
@@ -307,7 +305,7 @@ def engine_for(exp: Experiment, group: ReplicaGroup, source: str = "<experiment>
         return EngineConfig.model_validate(merged)
     except ValidationError as err:
         raise ExperimentError(
-            format_validation_error(f"{source}: cluster.replicas.engine", err, merged)
+            format_validation_error(f"{exp._source}: {where}.engine", err, merged)
         ) from None
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from simulator.textio import parse_yaml, read_text
 
 __all__ = [
     "HardwareProfile",
@@ -37,7 +38,7 @@ class HardwareProfileError(ValueError):
 class PeakFlops(BaseModel):
     """Dense peak tensor-core throughput per GPU (FLOP/s)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     bf16: float = Field(gt=0)
     fp8: float = Field(gt=0)
@@ -47,10 +48,10 @@ class PeakFlops(BaseModel):
 class HardwareProfile(BaseModel):
     """One GPU model: capacities, peaks and the efficiencies that turn peaks into time."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    hbm_bytes: int = Field(gt=0)  # device memory as CUDA reports it (bytes)
+    hbm_bytes: int = Field(gt=0, le=10**13)  # device memory as CUDA reports it (bytes)
     hbm_bandwidth: float = Field(gt=0)  # datasheet HBM bandwidth (bytes/s)
     peak_flops: PeakFlops
     nvlink_bandwidth: float = Field(gt=0)  # per GPU, both directions added (bytes/s)
@@ -60,8 +61,8 @@ class HardwareProfile(BaseModel):
     fp8_matmul_efficiency: float = Field(gt=0, le=1)  # of peak_flops.fp8 for fp8 GEMMs
     attention_efficiency: float = Field(gt=0, le=1)  # of peak_flops.bf16 for attention kernels
     memory_efficiency: float = Field(gt=0, le=1)  # of hbm_bandwidth for streaming reads
-    step_overhead_s: float = Field(ge=0)  # fixed cost per engine step (seconds)
-    layer_overhead_s: float = Field(ge=0)  # fixed cost per decoder layer per step (seconds)
+    step_overhead_s: float = Field(ge=0, le=10)  # fixed cost per engine step (seconds)
+    layer_overhead_s: float = Field(ge=0, le=1)  # fixed cost per decoder layer per step (s)
     allreduce_efficiency: float = Field(gt=0, le=1)  # of per-direction NVLink bandwidth
     allreduce_latency_s: float = Field(ge=0)  # fixed cost of one all-reduce (seconds)
 
@@ -170,8 +171,5 @@ def load_hardware(ref: str | Path) -> HardwareProfile:
                 f"unknown hardware {text!r}: not a shipped profile "
                 f"({', '.join(shipped_hardware())}; alias h100) and not a path to a YAML file"
             )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise HardwareProfileError(f"{path}: not valid YAML ({exc})") from None
+    data = parse_yaml(read_text(path, HardwareProfileError), path, HardwareProfileError)
     return hardware_from_dict(data, str(path))

@@ -18,10 +18,13 @@ totals by more than ~0.01% (q/k norms, biases of routers) are left out and say s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from simulator.textio import read_text
 
 __all__ = [
     "DTYPE_BYTES",
@@ -150,11 +153,10 @@ class ModelSpec(BaseModel):
         else:
             path = Path(path_or_dict)
             source = str(path)
+            text = read_text(path, ModelConfigError)
             try:
-                raw = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise ModelConfigError(f"{source}: file not found") from None
-            except json.JSONDecodeError as exc:
+                raw = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise ModelConfigError(f"{source}: not valid JSON ({exc})") from None
             if not isinstance(raw, dict):
                 raise ModelConfigError(f"{source}: expected a JSON object at top level")
@@ -166,7 +168,7 @@ class ModelSpec(BaseModel):
             fields = _fields_from_hf(cfg, source)
         except ModelConfigError:
             raise
-        except (TypeError, ValueError) as exc:  # e.g. a non-list mlp_only_layers
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             raise ModelConfigError(f"{source}: {exc}") from None
         if name is None:
             name = str(raw.get("_name_or_path") or "")
@@ -407,14 +409,27 @@ class ModelSpec(BaseModel):
 # ---------------------------------------------------------------------- parser
 
 
+MAX_CONFIG_INT = 10_000_000  # no real model has a dimension, count or vocabulary this large
+MAX_LAYERS = 10_000
+
+
 def _get_int(cfg: dict[str, Any], source: str, *keys: str, default: int | None = None) -> int:
     """First present, non-null key among ``keys`` as an int; else default or an error."""
     for key in keys:
         value = cfg.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value))
+            or int(value) != value
+        ):
             raise ModelConfigError(f"{source}: field {key!r} must be an integer (got {value!r})")
+        if not 0 <= value <= MAX_CONFIG_INT:
+            raise ModelConfigError(
+                f"{source}: field {key!r} = {value!r} is out of range (0..{MAX_CONFIG_INT:,})"
+            )
         return int(value)
     if default is None:
         raise ModelConfigError(f"{source}: missing required field {keys[0]!r}")
@@ -423,9 +438,17 @@ def _get_int(cfg: dict[str, Any], source: str, *keys: str, default: int | None =
 
 def _fields_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     num_layers = _get_int(cfg, source, "num_hidden_layers", "n_layers", "num_layers")
+    if not 1 <= num_layers <= MAX_LAYERS:
+        raise ModelConfigError(
+            f"{source}: field 'num_hidden_layers' = {num_layers} is out of range (1..{MAX_LAYERS})"
+        )
     hidden = _get_int(cfg, source, "hidden_size", "dim", "d_model")
     heads = _get_int(cfg, source, "num_attention_heads", "n_heads")
     kv_heads = _get_int(cfg, source, "num_key_value_heads", default=heads)
+    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads),
+                       ("num_key_value_heads", kv_heads)):
+        if value < 1:
+            raise ModelConfigError(f"{source}: field {key!r} must be >= 1 (got {value})")
     vocab = _get_int(cfg, source, "vocab_size")
 
     # MLA

@@ -130,12 +130,25 @@ class ReplicaPlan:
 
 
 def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
-    """Resolve every replica of the cluster; raise ExperimentError on any impossibility."""
+    """Resolve every replica of the cluster; raise ExperimentError on any impossibility.
+
+    Error messages start with the experiment's file when it was read from one.
+    """
+    try:
+        return _plan_replicas(exp)
+    except ExperimentError as err:
+        source = exp._source
+        if str(err).startswith(source):
+            raise
+        raise ExperimentError(f"{source}: {err}") from None
+
+
+def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
     plans: list[ReplicaPlan] = []
     cache: dict[tuple, ReplicaPlan] = {}
     block_sizes = set()
     for gi, group in enumerate(exp.cluster.replicas):
-        eng = engine_for(exp, group)
+        eng = engine_for(exp, group, f"cluster.replicas[{gi}]")
         model_ref = group.model or exp.model
         hw_ref = group.hardware or exp.hardware
         key = (model_ref, hw_ref, eng.model_dump_json())

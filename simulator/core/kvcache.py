@@ -22,9 +22,9 @@ re-expressed on *runs* of blocks so that no operation walks a prompt block by bl
   top of the oldest run. Work per request is O(content nodes on its path), not O(blocks).
 
 Deliberate simplification (documented in docs/semantics.md): when a request recomputes a block
-that another request already cached (vLLM's "last token is always recomputed" case, or two
-identical prompts in one step), it references the cached copy and keeps its own physical block
-as private until it finishes, instead of keeping two hashed copies.
+that is already cached (vLLM's "last token is always recomputed" case, or two identical prompts
+in one step), it references the cached copy and its own physical block returns to the free
+queue at once, so one block per position is ever held, as in vLLM.
 
 All functions are ``@njit`` over the arrays of :class:`KVState`; units are blocks unless a name
 says tokens.

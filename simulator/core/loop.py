@@ -225,9 +225,16 @@ def _advance(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r, ne
             if target > old_max and kvn[rep, c, KN_RES] > old_max:
                 take_from_queue(kv, rep, c, target)
             res = kvn[rep, c, KN_RES]
-            if computed and target > res:
-                rqi[r, RQ_PRIVATE] -= target - (res if res > ext else ext)
-                kvn[rep, c, KN_RES] = target
+            if computed:
+                # blocks r recomputed that are cached already: r uses the cached copy and its
+                # own copy goes straight back to the free queue (uncached)
+                dup = (target if target < res else res) - ext
+                if dup > 0:
+                    rqi[r, RQ_PRIVATE] -= dup
+                    fifo_push(kv, rep, -1, 0, dup)
+                if target > res:
+                    rqi[r, RQ_PRIVATE] -= target - (res if res > ext else ext)
+                    kvn[rep, c, KN_RES] = target
             if not moving_on and target > kvn[rep, c, KN_PMAX]:
                 kvn[rep, c, KN_PMAX] = target
             ext = target

@@ -11,11 +11,13 @@ column.
 from __future__ import annotations
 
 import csv
+import io
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from simulator.textio import read_text
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.graph import SessionGraph, make_graph
 from simulator.workload.tracefile import Where
@@ -57,32 +59,28 @@ def read_azure(path: str | Path) -> SessionGraph:
     """Read an Azure LLM inference CSV; every problem is a :class:`WorkloadError`."""
     path = Path(path)
     src = str(path)
-    try:
-        fh = open(path, newline="")
-    except OSError as err:
-        raise WorkloadError(f"{src}: cannot read: {err.strerror or err}") from None
+    text = read_text(path, WorkloadError)
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
-    with fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise WorkloadError(f"{src}: empty file (expected a header {', '.join(_COLUMNS)})")
-        header = [h.strip() for h in header]
-        missing = [c for c in _COLUMNS if c not in header]
-        if missing:
-            raise WorkloadError(f"{src}:1: missing column(s) {', '.join(missing)}")
-        col = [header.index(c) for c in _COLUMNS]
-        for row in reader:
-            where = Where(src, reader.line_num)
-            if not row or all(not x.strip() for x in row):
-                continue
-            if len(row) != len(header):
-                raise where.error(None, f"{len(row)} fields, the header has {len(header)}")
-            times.append(_parse_time(row[col[0]], where))
-            prompt.append(_parse_count(row[col[1]], where, "ContextTokens", 1))
-            output.append(_parse_count(row[col[2]], where, "GeneratedTokens", 1))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise WorkloadError(f"{src}: empty file (expected a header {', '.join(_COLUMNS)})")
+    header = [h.strip() for h in header]
+    missing = [c for c in _COLUMNS if c not in header]
+    if missing:
+        raise WorkloadError(f"{src}:1: missing column(s) {', '.join(missing)}")
+    col = [header.index(c) for c in _COLUMNS]
+    for row in reader:
+        where = Where(src, reader.line_num)
+        if not row or all(not x.strip() for x in row):
+            continue
+        if len(row) != len(header):
+            raise where.error(None, f"{len(row)} fields, the header has {len(header)}")
+        times.append(_parse_time(row[col[0]], where))
+        prompt.append(_parse_count(row[col[1]], where, "ContextTokens", 1))
+        output.append(_parse_count(row[col[2]], where, "GeneratedTokens", 1))
     n = len(prompt)
     if n == 0:
         raise WorkloadError(f"{src}: no requests in the file")

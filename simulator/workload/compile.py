@@ -28,13 +28,14 @@ session-major order, so turn ``k``'s parent (turn ``k - 1``) is the request just
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import ValidationError
 
+from simulator.textio import parse_yaml, read_text
 from simulator.workload.agentic import AgenticWorkload, agentic_graph
 from simulator.workload.compiled import (
     CompiledWorkload,
@@ -224,6 +225,16 @@ def compile_workload(spec: WorkloadSpec, seed: int) -> CompiledWorkload:
     ``agentic`` and ``trace`` build a :class:`~simulator.workload.graph.SessionGraph` from
     independent streams spawned from ``seed`` and compile it.
     """
+    try:
+        return _compile(spec, seed)
+    except WorkloadError as err:
+        source = getattr(spec, "_source", "")
+        if source and not str(err).startswith(source):
+            raise WorkloadError(f"{source}: {err}") from None
+        raise
+
+
+def _compile(spec: WorkloadSpec, seed: int) -> CompiledWorkload:
     rng = np.random.default_rng(seed)
     if isinstance(spec, RequestsWorkload):
         wl = _compile_requests(spec, rng)
@@ -266,8 +277,15 @@ def _field_path(loc: tuple[Any, ...], data: Any) -> list[str]:
     return parts
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A bounded repr: huge or deeply nested values (YAML alias bombs) are never expanded."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -343,21 +361,12 @@ def parse_workload_spec(
             trace_graph(spec, 0)  # read and check the trace (cached for the compile)
         except WorkloadError as err:
             raise WorkloadError(f"{source}: {err}") from None
+    spec._source = source
     return spec
 
 
 def load_workload_spec(path: str | Path) -> WorkloadSpec:
     """Read a YAML workload spec; every problem is a :class:`WorkloadError` naming file and field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise WorkloadError(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise WorkloadError(f"{path}: invalid YAML: {where}{problem}") from None
+    data = parse_yaml(read_text(path, WorkloadError), path, WorkloadError)
     return parse_workload_spec(data, str(path), path.resolve().parent)

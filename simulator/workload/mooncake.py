@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulator.textio import read_text
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.graph import SessionGraph, make_graph
 from simulator.workload.tracefile import Where, get_int, get_number
@@ -32,10 +33,7 @@ def read_mooncake(path: str | Path, block_tokens: int = 512) -> SessionGraph:
     src = str(path)
     if block_tokens < 1:
         raise WorkloadError(f"{src}: block_tokens must be >= 1 (got {block_tokens})")
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise WorkloadError(f"{src}: cannot read: {err.strerror or err}") from None
+    text = read_text(path, WorkloadError)
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []

@@ -37,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 
+from simulator.textio import read_text
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.graph import SessionGraph
 from simulator.workload.tracefile import Where, get_int, get_number, rows_to_graph
@@ -82,10 +83,7 @@ def read_openclaw(
     """Read an OpenClaw DAG JSON file; every problem is a :class:`WorkloadError`."""
     path = Path(path)
     src = str(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise WorkloadError(f"{src}: cannot read: {err.strerror or err}") from None
+    text = read_text(path, WorkloadError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, model_validator
 
 from simulator.workload.agentic import AgenticWorkload
 from simulator.workload.distributions import Dist, FixedTime, TimeDist
@@ -70,6 +70,8 @@ __all__ = [
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # where the spec was read from; compile errors name it
+    _source: str = PrivateAttr("")
 
 
 class PoissonArrival(_Model):
@@ -102,7 +104,7 @@ class RequestsWorkload(_Model):
 
     kind: Literal["requests"] = "requests"
     description: str = ""
-    num_requests: Annotated[int, Field(ge=1)]
+    num_requests: Annotated[int, Field(ge=1, le=100_000_000)]
     arrival: Arrival
     prompt_tokens: Dist  # the private part of the prompt, after the shared prefix
     output_tokens: Dist
@@ -114,7 +116,7 @@ class SessionsWorkload(_Model):
 
     kind: Literal["sessions"] = "sessions"
     description: str = ""
-    num_sessions: Annotated[int, Field(ge=1)]
+    num_sessions: Annotated[int, Field(ge=1, le=100_000_000)]
     arrival: Arrival
     turns: Dist
     first_prompt_tokens: Dist  # fresh input of turn 1, after the shared prefix

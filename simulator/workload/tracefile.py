@@ -40,6 +40,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+MAX_TRACE_INT = 10**12  # beyond any token count or id a trace can mean; keeps int64 safe
+
+
 def get_int(
     obj: dict,
     key: str,
@@ -65,6 +68,8 @@ def get_int(
         v = int(v)
     if minimum is not None and v < minimum:
         raise where.error(name, f"must be >= {minimum} (got {v})")
+    if v > MAX_TRACE_INT:
+        raise where.error(name, f"must be <= {MAX_TRACE_INT:,} (got {_short(v)})")
     return v
 
 

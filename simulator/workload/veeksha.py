@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulator.textio import read_text
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.graph import SessionGraph, graph_positions, session_bounds
 from simulator.workload.tracefile import Where, get_int, get_number, rows_to_graph
@@ -57,10 +58,7 @@ def read_veeksha(path: str | Path) -> SessionGraph:
     """Read a Veeksha trace; every problem is a :class:`WorkloadError` naming file:line: field."""
     path = Path(path)
     src = str(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise WorkloadError(f"{src}: cannot read: {err.strerror or err}") from None
+    text = read_text(path, WorkloadError)
     lines: list[int] = []
     session_key: list = []
     fresh: list[int] = []
