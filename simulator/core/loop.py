@@ -19,8 +19,12 @@ One heap of timed events drives every replica (see :mod:`simulator.core.heap`):
   (tail first) and release their children, which are dispatched ``wait_after_ready`` later.
 
 No Python objects are touched, and per-sequence helpers receive only the few arrays they
-use (each array handed to a jitted call costs a reference-count round trip); the loop can stop after ``max_events`` and be resumed, which is
-how the Python side draws a progress bar.
+use (each array handed to a jitted call costs a reference-count round trip). The loop can stop
+after ``max_events`` and be resumed, which is how the Python side draws a progress bar.
+
+Disaggregation adds ``EV_KV_DONE``: a prefill replica hands a request whose first token it
+emitted to its decode replica, which allocates blocks (FIFO), moves the missing KV over its
+link, and decodes on once the move completes; the prefill side holds its blocks until then.
 """
 
 from __future__ import annotations
@@ -318,16 +322,34 @@ def _k_for_batch(k_table, rep, n_running):
 
 
 @njit(cache=True)
-def _wq_push_back(rqi, rpi, rep, r):
-    tail = rpi[rep, RP_WQ_TAIL]
+def _push_back(rqi, rpi, rep, r, head, tail, count):
+    """Append ``r`` to one of ``rep``'s request queues, a doubly-linked list through the request
+    table (``head``/``tail``/``count``: its columns of ``rpi``). A request is in one queue at a
+    time: the waiting queue, or a decode replica's queue of prefilled requests."""
+    last = rpi[rep, tail]
     rqi[r, RQ_WQ_NEXT] = -1
-    rqi[r, RQ_WQ_PREV] = tail
-    if tail != -1:
-        rqi[tail, RQ_WQ_NEXT] = r
+    rqi[r, RQ_WQ_PREV] = last
+    if last != -1:
+        rqi[last, RQ_WQ_NEXT] = r
     else:
-        rpi[rep, RP_WQ_HEAD] = r
-    rpi[rep, RP_WQ_TAIL] = r
-    rpi[rep, RP_N_WAITING] += 1
+        rpi[rep, head] = r
+    rpi[rep, tail] = r
+    rpi[rep, count] += 1
+
+
+@njit(cache=True)
+def _pop_front(rqi, rpi, rep, head, tail, count):
+    """Remove and return the first request of one of ``rep``'s queues."""
+    r = rpi[rep, head]
+    nxt = rqi[r, RQ_WQ_NEXT]
+    rpi[rep, head] = nxt
+    if nxt != -1:
+        rqi[nxt, RQ_WQ_PREV] = -1
+    else:
+        rpi[rep, tail] = -1
+    rqi[r, RQ_WQ_NEXT] = -1
+    rpi[rep, count] -= 1
+    return r
 
 
 @njit(cache=True)
@@ -341,48 +363,6 @@ def _wq_push_front(rqi, rpi, rep, r):
         rpi[rep, RP_WQ_TAIL] = r
     rpi[rep, RP_WQ_HEAD] = r
     rpi[rep, RP_N_WAITING] += 1
-
-
-@njit(cache=True)
-def _wq_pop_front(rqi, rpi, rep):
-    r = rpi[rep, RP_WQ_HEAD]
-    nxt = rqi[r, RQ_WQ_NEXT]
-    rpi[rep, RP_WQ_HEAD] = nxt
-    if nxt != -1:
-        rqi[nxt, RQ_WQ_PREV] = -1
-    else:
-        rpi[rep, RP_WQ_TAIL] = -1
-    rqi[r, RQ_WQ_NEXT] = -1
-    rpi[rep, RP_N_WAITING] -= 1
-    return r
-
-
-@njit(cache=True)
-def _rq_push_back(rqi, rpi, rep, r):
-    """Queue a prefilled request for a decode replica's blocks (links shared with the wq)."""
-    tail = rpi[rep, RP_RQ_TAIL]
-    rqi[r, RQ_WQ_NEXT] = -1
-    rqi[r, RQ_WQ_PREV] = tail
-    if tail != -1:
-        rqi[tail, RQ_WQ_NEXT] = r
-    else:
-        rpi[rep, RP_RQ_HEAD] = r
-    rpi[rep, RP_RQ_TAIL] = r
-    rpi[rep, RP_N_REMOTE] += 1
-
-
-@njit(cache=True)
-def _rq_pop_front(rqi, rpi, rep):
-    r = rpi[rep, RP_RQ_HEAD]
-    nxt = rqi[r, RQ_WQ_NEXT]
-    rpi[rep, RP_RQ_HEAD] = nxt
-    if nxt != -1:
-        rqi[nxt, RQ_WQ_PREV] = -1
-    else:
-        rpi[rep, RP_RQ_TAIL] = -1
-    rqi[r, RQ_WQ_NEXT] = -1
-    rpi[rep, RP_N_REMOTE] -= 1
-    return r
 
 
 @njit(cache=True)
@@ -431,7 +411,7 @@ def _start_transfers(kv, q, p, wl, heap, rep, now):
             touched = queued_blocks_in_prefix(kv, path_nodes, ps, pe, rep, hits)
         if need + touched > kvs[rep, KS_FREE]:
             return True
-        _rq_pop_front(rqi, rpi, rep)
+        _pop_front(rqi, rpi, rep, RP_RQ_HEAD, RP_RQ_TAIL, RP_N_REMOTE)
         n_run = rpi[rep, RP_N_RUNNING]
         if caching:
             rqi[r, RQ_FPOS] = ps
@@ -609,7 +589,7 @@ def _schedule(kv, q, p, wl, g, rep, now):
                 touched = queued_blocks_in_prefix(kv, path_nodes, ps, pe, rep, hits)
             if new_blocks + extra + touched > kvs[rep, KS_FREE]:
                 break
-            _wq_pop_front(rqi, rpi, rep)
+            _pop_front(rqi, rpi, rep, RP_WQ_HEAD, RP_WQ_TAIL, RP_N_WAITING)
             n_run = rpi[rep, RP_N_RUNNING]
             if caching:
                 rqi[r, RQ_FPOS] = ps
@@ -736,7 +716,7 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
     rqi[r, RQ_NUM_TOKENS] = prompt
     rpi[rep, RP_OUTSTANDING] += 1
     rpi[rep, RP_PENDING_PREFILL] += prompt
-    _wq_push_back(rqi, rpi, rep, r)
+    _push_back(rqi, rpi, rep, r, RP_WQ_HEAD, RP_WQ_TAIL, RP_N_WAITING)
     if rpi[rep, RP_BUSY] == 0:
         rpi[rep, RP_BUSY] = 1
         return heap_push(heap, now, EV_SCHEDULE, rep)
@@ -906,7 +886,7 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
             rqi[r, RQ_PRIVATE] = 0
             rpi[rep, RP_N_HELD] += 1
             rqf[r, RQ_XFER_QUEUED] = now
-            _rq_push_back(rqi, rpi, dst, r)
+            _push_back(rqi, rpi, dst, r, RP_RQ_HEAD, RP_RQ_TAIL, RP_N_REMOTE)
             if rpi[dst, RP_BUSY] == 0:
                 rpi[dst, RP_BUSY] = 1
                 if not heap_push(heap, now, EV_SCHEDULE, dst):
