@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import simulator.search as search
-from simulator.bench import bench_experiment
+from simulator.bench import BENCH_RATE, bench_experiment
 from simulator.cli import main
 from simulator.config import ExperimentError
 from simulator.search import (
@@ -71,7 +71,7 @@ def test_scale_load_requests_resizes_to_duration():
     out = scale_load(spec, 8.0, "rate", duration_s=50)
     assert out.arrival.rate == 8.0 and out.num_requests == 400
     assert scale_load(spec, 8.0, "requests_per_s").num_requests == 1000  # size kept
-    assert spec.arrival.rate == 20.0  # the original is untouched (frozen models)
+    assert spec.arrival.rate == BENCH_RATE  # the original is untouched (frozen models)
 
 
 def sessions_spec(turns=5):

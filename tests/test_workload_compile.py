@@ -317,7 +317,7 @@ def test_load_good_yaml(tmp_path):
             GOOD + "wait_after_ready: -1\n",
             "wait_after_ready: Input should be greater than or equal to 0",
         ),
-        ("kind: sessions\n  bad: [indent\n", "invalid YAML: line"),
+        ("kind: sessions\n  bad: [indent\n", "malformed YAML (line"),
         ("- 1\n- 2\n", "must be a mapping"),
         ("", "must be a mapping"),
     ],
@@ -332,7 +332,7 @@ def test_load_errors_name_file_and_field(tmp_path, text, expected):
 
 
 def test_load_missing_file(tmp_path):
-    with pytest.raises(WorkloadError, match="cannot read"):
+    with pytest.raises(WorkloadError, match="file not found"):
         load_workload_spec(tmp_path / "nope.yaml")
 
 

@@ -1,9 +1,9 @@
-"""The cluster: request lifecycles, dependencies, the router, and the entry point.
+"""The cluster: request lifecycles, dependencies, rejections, and the entry point.
 
 Processes and events (SimPy):
 
 * a **request process** per request waits on its *arrival timer* (``wait_after_ready`` after
-  it became ready) and then hands the request to the router;
+  it became ready) and then hands the request to the router (router.py);
 * a **replica process** per replica loops schedule -> step -> step end (replica.py);
 * when a request finishes (or is rejected), each child whose last parent that was
   becomes ready at once: its arrival timer starts *now* and its request process is started.
@@ -30,42 +30,20 @@ import simpy
 from simulator.core.state import REJECT_REASONS
 from simulator.reference.replica import Replica, StepRecord
 from simulator.reference.request import Request, Status, make_requests
+from simulator.reference.router import Router
 from simulator.simulate import plan_replicas
 from simulator.workload.compile import compile_workload
 from simulator.workload.compiled import CompiledWorkload, validate_compiled
 
-ROUTERS = ("round_robin", "least_outstanding", "session_affinity")
 REASON_MAX_MODEL_LEN = REJECT_REASONS[1]
 REASON_KV_CAPACITY = REJECT_REASONS[2]
 REASON_PARENT = REJECT_REASONS[3]
 
 
-class Router:
-    """Chooses the replica of each dispatched request."""
-
-    def __init__(self, policy: str, replicas: list[Replica]) -> None:
-        if policy not in ROUTERS:
-            raise ValueError(f"router: unknown policy {policy!r} (expected one of {ROUTERS})")
-        self.policy = policy
-        self.replicas = replicas
-        self.next_rr = 0
-
-    def route(self, req: Request) -> Replica:
-        n = len(self.replicas)
-        if n == 1:
-            return self.replicas[0]
-        if self.policy == "least_outstanding":
-            # fewest dispatched-but-unfinished requests; the lowest index wins a tie
-            return min(self.replicas, key=lambda rep: rep.outstanding)
-        if self.policy == "session_affinity":
-            return self.replicas[req.session_id % n]
-        rep = self.replicas[self.next_rr % n]
-        self.next_rr += 1
-        return rep
-
-
 class Cluster:
-    def __init__(self, env: simpy.Environment, plans, router: str, wl: CompiledWorkload) -> None:
+    def __init__(
+        self, env: simpy.Environment, plans, router, wl: CompiledWorkload, seed: int = 0
+    ) -> None:
         self.env = env
         self.step_log: list[StepRecord] = []  # every engine step, in the order they start
         block_sizes = {int(p.block_size) for p in plans}
@@ -73,7 +51,9 @@ class Cluster:
             raise ValueError(f"replicas must share one block size (got {sorted(block_sizes)})")
         self.requests = make_requests(wl, block_sizes.pop())
         self.replicas = [Replica(env, i, plan, self) for i, plan in enumerate(plans)]
-        self.router = Router(router, self.replicas)
+        self.router = Router(router, self.replicas, seed)
+        if self.router.staleness > 0.0:
+            env.process(self.snapshots())
         for req in self.requests:
             if not req.parents:
                 req.ready = req.arrival_time
@@ -86,6 +66,15 @@ class Cluster:
         arrival = self.env.timeout(delay)  # created now: see the module docstring
         self.env.process(self.request_process(req, arrival))
 
+    def snapshots(self):
+        """Refresh the router's view of replica load every ``staleness_s``, from t = 0, for as
+        long as anything else is going to happen."""
+        while True:
+            self.router.take_snapshot()
+            if self.env.peek() == math.inf:
+                return
+            yield self.env.timeout(self.router.staleness)
+
     def request_process(self, req: Request, arrival: simpy.Event):
         yield arrival
         self.dispatch(req)
@@ -97,6 +86,7 @@ class Cluster:
             return
         rep = self.router.route(req)
         req.replica = rep.index
+        rep.routed += 1
         if req.total_tokens > rep.max_model_len:
             self.reject(req, REASON_MAX_MODEL_LEN)
             return
@@ -197,34 +187,43 @@ class ReferenceResult:
 
 
 def run_reference(
-    experiment_or_plans, workload: CompiledWorkload | None = None, router: str | None = None
+    experiment_or_plans,
+    workload: CompiledWorkload | None = None,
+    router=None,
+    seed: int | None = None,
 ) -> ReferenceResult:
     """Simulate with the reference model.
 
     ``experiment_or_plans``: an :class:`~simulator.config.Experiment` (its replicas are
-    resolved with :func:`simulator.simulate.plan_replicas`; its router is used unless
-    ``router`` is given) or a list of :class:`~simulator.simulate.ReplicaPlan`. ``workload``
-    defaults to the experiment's workload compiled with its seed.
+    resolved with :func:`simulator.simulate.plan_replicas`) or a list of
+    :class:`~simulator.simulate.ReplicaPlan`. ``router``: a policy name or a router config
+    (default: the experiment's, else round robin). ``seed``: the seed of the router's draws and
+    of the workload compilation (default: the experiment's, else 0). ``workload`` defaults to
+    the experiment's workload compiled with that seed.
     """
     if isinstance(experiment_or_plans, list | tuple):
         plans = list(experiment_or_plans)
         router = router or "round_robin"
+        seed = seed or 0
         if workload is None:
             raise ValueError("a workload is required when replica plans are given")
     else:
         exp = experiment_or_plans
         plans = plan_replicas(exp)
         router = router or exp.cluster.router
+        seed = exp.seed if seed is None else seed
         if workload is None:
-            workload = compile_workload(exp.workload, exp.seed)
+            workload = compile_workload(exp.workload, seed)
     if not plans:
         raise ValueError("no replicas")
     for plan in plans:
         if getattr(plan, "speculative", None) is not None:
             raise NotImplementedError("the reference model does not model speculative decoding")
+        if getattr(plan, "role", "aggregated") != "aggregated":
+            raise NotImplementedError("the reference model does not model disaggregated pools")
     validate_compiled(workload)
     env = simpy.Environment()
-    cluster = Cluster(env, plans, router, workload)
+    cluster = Cluster(env, plans, router, workload, seed)
     env.run()
     return ReferenceResult(
         cluster.requests_frame(), cluster.replicas_frame(), cluster.steps_frame(), cluster
@@ -232,14 +231,17 @@ def run_reference(
 
 
 def simulate_reference(
-    experiment_or_plans, workload: CompiledWorkload | None = None, router: str | None = None
+    experiment_or_plans,
+    workload: CompiledWorkload | None = None,
+    router=None,
+    seed: int | None = None,
 ) -> pd.DataFrame:
     """Per-request results of the reference model (the columns of ``Result.requests``).
 
     The per-replica counters (evicted blocks, preemptions, steps...) are in
     ``df.attrs["replicas"]``; see :func:`run_reference` for the arguments.
     """
-    res = run_reference(experiment_or_plans, workload, router)
+    res = run_reference(experiment_or_plans, workload, router, seed)
     df = res.requests
     df.attrs["replicas"] = res.replicas
     return df

@@ -105,7 +105,8 @@ class BlockPool:
 
         Returns the block the request references from now on for this position: its own block,
         which now enters the prefix index, or, when the content is already cached in another
-        block, that block (referenced; servesim's duplicate-block rule, docs/semantics.md).
+        block, that block, referenced (the caller then frees its own copy: servesim's
+        duplicate-block rule, docs/semantics.md).
         """
         existing = self.cached.get(key)
         if existing is not None:

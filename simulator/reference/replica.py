@@ -15,9 +15,11 @@ docs/semantics.md:
 
 A full block is committed to the prefix index as soon as it is scheduled. When its content is
 already cached in another block (the last-token recompute, or two identical prompts in one
-step), the request references the cached block and keeps its own copy as an uncached extra
-block until it ends (servesim's duplicate-block rule). A request that ends or is preempted
-frees its uncached blocks first, then its block table from the last block to the first.
+step), the request references the cached block and its own copy goes straight back to the free
+queue, uncached (servesim's duplicate-block rule: one block per position, as in vLLM, which
+keeps the new copy instead and leaves the old one evictable). A request that ends or is
+preempted frees its uncached blocks first, then its block table from the last block to the
+first.
 
 At the end of a step every scheduled request whose computed tokens caught up with its known
 tokens emits one token; requests that emitted their last token free their blocks and release
@@ -78,6 +80,8 @@ class Replica:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
         self.outstanding = 0  # dispatched here and not finished (the router reads it)
+        self.pending_prefill_tokens = 0  # prompts of requests here without a first token yet
+        self.routed = 0  # requests the router sent here (rejected ones included)
         self.idle = True
         self._wake = env.event()
         # counters
@@ -97,6 +101,7 @@ class Replica:
         req.status = Status.WAITING
         req.num_tokens = req.prompt_tokens
         self.outstanding += 1
+        self.pending_prefill_tokens += req.prompt_tokens
         self.waiting.append(req)
         if self.idle:
             self.idle = False
@@ -199,9 +204,9 @@ class Replica:
         for i in range(req.num_committed, req.num_computed // self.block_size):
             own = req.block_table[i]
             block = self.pool.commit(own, req.keys[i])
-            if block != own:  # already cached elsewhere: use that copy, keep ours uncached
+            if block != own:  # already cached elsewhere: use that copy, free ours
                 req.block_table[i] = block
-                req.extra_blocks.append(own)
+                self.pool.free([own])
             req.num_committed = i + 1
 
     def release(self, req: Request) -> None:
@@ -268,6 +273,7 @@ class Replica:
             req.num_tokens += 1
             if req.num_output == 1:
                 req.first_token = now
+                self.pending_prefill_tokens -= req.prompt_tokens
             else:
                 req.max_gap = max(req.max_gap, now - req.last_token)
             req.last_token = now
@@ -299,4 +305,5 @@ class Replica:
             "peak_running": self.peak_running,
             "evicted_blocks": self.pool.num_evicted,
             "free_blocks_at_end": self.pool.num_free,
+            "routed_requests": self.routed,
         }

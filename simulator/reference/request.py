@@ -50,7 +50,7 @@ class Request:
     # KV blocks held while running
     block_table: list[int] = field(default_factory=list)  # one block per sequence block
     num_committed: int = 0  # leading entries of block_table that are in the prefix index
-    extra_blocks: list[int] = field(default_factory=list)  # held, never cached: see replica.py
+    extra_blocks: list[int] = field(default_factory=list)  # recurrent state, never cached
 
     ready: float = math.nan
     arrived: float = math.nan

@@ -73,6 +73,15 @@ class _Model(BaseModel):
     # where the spec was read from; compile errors name it
     _source: str = PrivateAttr("")
 
+    def __eq__(self, other: object) -> bool:
+        """Equal fields make equal specs, whichever file they were read from."""
+        if type(self) is not type(other):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self.__dict__.items())))
+
 
 class PoissonArrival(_Model):
     """Poisson arrivals at ``rate`` per second (first at t = 0)."""

@@ -1,0 +1,300 @@
+"""Differential tests: the Numba core against the SimPy reference model (simulator/reference/).
+
+For random small scenarios (see test_reference_scenarios.py) both must agree on every request
+(status, reason, replica, cached tokens, preemptions, tokens; ready / arrival / scheduled /
+first-token / finish times and largest token gap to 1e-9 relative), on every replica counter
+(steps, prefill and decode tokens, preemptions, peak blocks, evicted blocks, free blocks at the
+end) and on the step log (every step's start, end, batch and blocks in use).
+
+CI runs a few hundred scenarios; ``pytest --many`` (or SERVESIM_MANY=1) runs tens of thousands.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from test_reference_scenarios import MANY, Scenario, scenarios
+
+from simulator.config import parse_experiment
+from simulator.invariants import check_result
+from simulator.reference import run_reference, simulate_reference
+from simulator.reference.builder import WorkloadBuilder
+from simulator.simulate import simulate
+
+MAX_EXAMPLES = 20_000 if MANY else 300
+RTOL = 1e-9
+
+EXACT_REQUEST_COLUMNS = [
+    "status",
+    "reject_reason",
+    "replica",
+    "cached_tokens",
+    "preemptions",
+    "output_tokens",
+    "scheduled_tokens",
+    "computed_prompt_tokens",
+]
+TIME_REQUEST_COLUMNS = [
+    "ready_time",
+    "arrival_time",
+    "scheduled_time",
+    "first_token_time",
+    "finish_time",
+    "max_tbt",
+]
+EXACT_REPLICA_COLUMNS = [
+    "num_steps",
+    "prefill_tokens",
+    "decode_tokens",
+    "preemptions",
+    "peak_used_blocks",
+    "peak_running",
+    "evicted_blocks",
+    "free_blocks_at_end",
+]
+EXACT_STEP_COLUMNS = [
+    "replica",
+    "num_seqs",
+    "num_decodes",
+    "prefill_tokens",
+    "used_blocks",
+    "num_waiting",
+]
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    both_nan = np.isnan(a) & np.isnan(b)
+    with np.errstate(invalid="ignore"):
+        near = np.abs(a - b) <= RTOL * np.maximum(np.abs(a), np.abs(b))
+    return both_nan | near
+
+
+def compare(core, ref, limit: int = 8) -> list[str]:
+    """Differences between a core :class:`Result` and a :class:`ReferenceResult`."""
+    problems: list[str] = []
+    a, b = core.requests, ref.requests
+    if len(a) != len(b):
+        return [f"{len(a)} core requests, {len(b)} reference requests"]
+    for col in EXACT_REQUEST_COLUMNS:
+        x, y = a[col].astype(object).to_numpy(), b[col].astype(object).to_numpy()
+        for r in np.flatnonzero(x != y)[:limit]:
+            problems.append(f"request {r}: {col} core={x[r]!r} reference={y[r]!r}")
+    for col in TIME_REQUEST_COLUMNS:
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        for r in np.flatnonzero(~_close(x, y))[:limit]:
+            problems.append(f"request {r}: {col} core={x[r]!r} reference={y[r]!r}")
+    for col in EXACT_REPLICA_COLUMNS:
+        x, y = core.replicas[col].to_numpy(), ref.replicas[col].to_numpy()
+        for k in np.flatnonzero(x != y):
+            problems.append(f"replica {k}: {col} core={x[k]} reference={y[k]}")
+    if "routed_requests" in core.replicas.columns:
+        x, y = core.replicas["routed_requests"].to_numpy(), ref.replicas["routed_requests"]
+        for k in np.flatnonzero(x != y.to_numpy()):
+            problems.append(f"replica {k}: routed_requests core={x[k]} reference={y[k]}")
+    x, y = core.replicas["busy_seconds"].to_numpy(), ref.replicas["busy_seconds"].to_numpy()
+    for k in np.flatnonzero(~_close(x, y)):
+        problems.append(f"replica {k}: busy_seconds core={x[k]!r} reference={y[k]!r}")
+    if core.steps is not None:
+        sa, sb = core.steps, ref.steps
+        n = min(len(sa), len(sb))
+        if len(sa) != len(sb):
+            problems.append(f"{len(sa)} core steps, {len(sb)} reference steps")
+        bad = np.zeros(n, dtype=bool)
+        for col in EXACT_STEP_COLUMNS:
+            bad |= sa[col].to_numpy()[:n] != sb[col].to_numpy()[:n]
+        for col in ("start", "end"):
+            bad |= ~_close(sa[col].to_numpy()[:n], sb[col].to_numpy()[:n])
+        for i in np.flatnonzero(bad)[:3]:
+            problems.append(
+                f"step {i}: core {sa.iloc[i].to_dict()} reference {sb.iloc[i].to_dict()}"
+            )
+    for rep in ref.cluster.replicas:
+        problems += [f"reference replica {rep.index}: {p}" for p in rep.pool.check()]
+    return problems
+
+
+def run_both(sc: Scenario):
+    exp = parse_experiment(sc.experiment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN metrics of rejected requests
+        core = simulate(exp, workload=sc.workload, progress=False)
+    return core, run_reference(exp, sc.workload)
+
+
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenarios())
+def test_core_agrees_with_reference(sc: Scenario):
+    core, ref = run_both(sc)
+    problems = compare(core, ref)
+    assert not problems, "\n".join(problems) + "\n" + sc.describe()
+    assert check_result(core) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-built scenarios: each pins one rule on both sides and checks a known outcome
+
+
+def scenario(
+    builder: WorkloadBuilder, router: str = "round_robin", replicas: int = 1, **engine
+) -> Scenario:
+    eng = {"max_num_batched_tokens": 2048, "max_num_seqs": 8, "num_gpu_blocks_override": 64}
+    eng |= engine
+    return Scenario(
+        {
+            "model": "llama-3.1-8b",
+            "hardware": "h100-sxm",
+            "engine": eng,
+            "cluster": {"replicas": [{"count": replicas}], "router": router},
+            "workload": {
+                "kind": "requests",
+                "num_requests": 1,
+                "arrival": {"process": "burst"},
+                "prompt_tokens": 10,
+                "output_tokens": 2,
+            },
+            "outputs": {"step_log": True},
+        },
+        builder.build(),
+    )
+
+
+def agree(sc: Scenario):
+    core, ref = run_both(sc)
+    problems = compare(core, ref)
+    assert not problems, "\n".join(problems) + "\n" + sc.describe()
+    return core, ref
+
+
+def test_blocks_are_committed_when_scheduled():
+    """Two identical 40-token prompts admitted in one step: the first commits its two full
+    blocks when it is scheduled, so the second hits them (capped at 39 tokens = 2 blocks);
+    a later third request hits them too."""
+    b = WorkloadBuilder()
+    node = b.node(None, 64)
+    b.request([node], 40, 4)
+    b.request([node], 40, 4)
+    b.request([node], 40, 4, arrival=1.0)
+    core, ref = agree(scenario(b))
+    cached = ref.requests["cached_tokens"].tolist()
+    assert cached == [0, 32, 32]
+    assert (ref.requests["status"] == "finished").all()
+
+
+def test_last_token_recompute_references_the_cached_copy():
+    """A 32-token prompt seen before: the hit is capped at 31 tokens (1 block); recomputing
+    block 1 finds it cached, so the request references that copy and frees its own."""
+    b = WorkloadBuilder()
+    node = b.node(None, 40)
+    b.request([node], 32, 1)
+    b.request([node], 32, 1, arrival=1.0)
+    core, ref = agree(scenario(b))
+    assert ref.requests["cached_tokens"].tolist() == [0, 16]
+    # during request 1's step: the hit block + the cached copy of block 1 (its own copy freed)
+    last = ref.steps.iloc[-1]
+    assert last["used_blocks"] == 2
+    pool = ref.cluster.replicas[0].pool
+    assert pool.num_free == pool.num_blocks and len(pool.cached) == 2  # one copy of each
+
+
+def test_preemption_recomputes_with_prefix_hits():
+    """A pool too small for two growing requests: the later one is preempted, returns to the
+    head of the waiting queue and re-admits with hits on its own freed blocks."""
+    b = WorkloadBuilder()
+    b.request([b.node(None, 100)], 32, 40)
+    b.request([b.node(None, 100)], 32, 40)
+    core, ref = agree(scenario(b, num_gpu_blocks_override=8))
+    df = ref.requests
+    assert df["preemptions"].tolist() == [0, 1]
+    assert (df["status"] == "finished").all()
+    assert df["scheduled_tokens"].iloc[1] > 32 + 40 - 1  # recomputed some tokens
+
+
+def test_rejections_propagate_to_children():
+    """max_model_len rejects request 0; its child is rejected for its parent at its own
+    arrival time (ready = the parent's rejection, plus its wait)."""
+    b = WorkloadBuilder()
+    trunk = b.node(None, 90)
+    r0 = b.request([trunk], 60, 30, arrival=0.5)
+    b.request([trunk, b.node(trunk, 10)], 95, 5, wait=0.25, parents=[r0])
+    core, ref = agree(scenario(b, max_model_len=80))
+    df = ref.requests
+    assert df["status"].tolist() == ["rejected", "rejected"]
+    assert "max_model_len" in df["reject_reason"].iloc[0]
+    assert "parent" in df["reject_reason"].iloc[1]
+    assert df["arrival_time"].iloc[1] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("router", ["round_robin", "least_outstanding", "session_affinity"])
+def test_routers(router):
+    """Five requests at t = 0 over three replicas, sessions 0, 1, 1, 2, 0."""
+    b = WorkloadBuilder()
+    for s in (0, 1, 1, 2, 0):
+        b.request([b.node(None, 30)], 20, 5 + s, session=s)
+    core, ref = agree(scenario(b, router=router, replicas=3))
+    rep = ref.requests["replica"].tolist()
+    if router == "round_robin":
+        assert rep == [0, 1, 2, 0, 1]
+    elif router == "least_outstanding":
+        assert sorted(np.bincount(rep, minlength=3).tolist()) == [1, 2, 2]
+    else:  # sticky sessions; a new session goes to the least-loaded replica
+        assert rep[2] == rep[1] and rep[4] == rep[0]
+        assert len({rep[0], rep[1], rep[3]}) == 3
+
+
+def test_children_dispatch_after_their_last_parent_plus_wait():
+    b = WorkloadBuilder()
+    a = b.request([b.node(None, 30)], 20, 3)
+    c = b.request([b.node(None, 30)], 20, 9)
+    b.request([b.node(None, 30)], 20, 3, wait=0.125, parents=[a, c])
+    core, ref = agree(scenario(b))
+    df = ref.requests
+    assert df["ready_time"].iloc[2] == df["finish_time"].iloc[:2].max()
+    assert df["arrival_time"].iloc[2] == df["ready_time"].iloc[2] + 0.125
+
+
+def test_simulate_reference_returns_the_request_columns():
+    b = WorkloadBuilder()
+    b.request([b.node(None, 30)], 20, 3)
+    sc = scenario(b)
+    df = simulate_reference(parse_experiment(sc.experiment), sc.workload)
+    core, _ = run_both(sc)
+    assert list(df.columns) == [c for c in core.requests.columns if c in df.columns]
+    assert {
+        "request_id",
+        "replica",
+        "status",
+        "ready_time",
+        "first_token_time",
+        "finish_time",
+        "cached_tokens",
+        "preemptions",
+    } <= set(df.columns)
+    assert isinstance(df.attrs["replicas"], pd.DataFrame)
+    assert df.attrs["replicas"]["evicted_blocks"].tolist() == [0]
+    assert math.isclose(
+        df["finish_time"].iloc[0], core.requests["finish_time"].iloc[0], rel_tol=RTOL
+    )
+
+
+def test_lone_self_preemption_does_not_deadlock():
+    """A recomputed block that is cached already must not cost a second block: a request that
+    needs the whole pool runs to the end (this used to preempt itself and stall)."""
+    b = WorkloadBuilder()
+    node = b.node(None, 48)
+    b.request([node], 32, 1)  # caches blocks 0 and 1
+    b.request([node], 32, 9, arrival=1.0)  # 41 tokens: 3 blocks, the whole pool
+    core, ref = agree(scenario(b, num_gpu_blocks_override=3))
+    assert (core.requests["status"] == "finished").all()
+    assert core.requests["preemptions"].tolist() == [0, 0]
+    assert core.requests["cached_tokens"].tolist() == [0, 16]
