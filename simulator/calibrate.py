@@ -41,7 +41,9 @@ __all__ = [
     "FitResult",
     "MeasurementError",
     "Measurements",
+    "allreduce_seconds",
     "calibrate",
+    "fit_allreduce",
     "load_measurements",
     "predict_operators",
     "profile_to_yaml",
@@ -667,3 +669,45 @@ def _describe(r) -> str:
     if int(r["decode_batch"]) > 0:
         parts.append(f"{int(r['decode_batch'])}x1@{int(r['decode_context_tokens'])}")
     return " + ".join(parts)
+
+
+def allreduce_seconds(nbytes, world_size: int, latency_s: float, efficiency: float,
+                      hw: HardwareProfile):
+    """The cost model's ring all-reduce time for one all-reduce of ``nbytes`` over ``world_size``
+    GPUs: ``2(n-1)/n x bytes / (per-direction NVLink bandwidth x efficiency) + latency``."""
+    ring = 2.0 * (world_size - 1) / world_size
+    return latency_s + ring * np.asarray(nbytes, dtype=float) / (
+        hw.nvlink_bandwidth_per_direction * efficiency
+    )
+
+
+def fit_allreduce(csv_path, hw: HardwareProfile) -> tuple[float, float, float]:
+    """Fit ``allreduce_latency_s`` and ``allreduce_efficiency`` to the ``all_reduce`` rows of a
+    CSV from ``hardware_profiles/measure/allreduce.py`` (least squares on log error, so every row
+    weighs by its relative error). Returns (latency_s, efficiency, median_abs_pct_error)."""
+    df = _read_csv(Path(csv_path), ("op", "bytes", "seconds", "world_size"))
+    df = df[df["op"] == "all_reduce"]
+    if len(df) < 2:
+        raise MeasurementError(f"{csv_path}: fewer than 2 all_reduce rows")
+    worlds = df["world_size"].unique()
+    if len(worlds) != 1 or int(worlds[0]) < 2:
+        raise MeasurementError(f"{csv_path}: all_reduce rows need one world_size >= 2: {worlds}")
+    world = int(worlds[0])
+    nbytes = df["bytes"].to_numpy(dtype=float)
+    secs = df["seconds"].to_numpy(dtype=float)
+    if not np.all(secs > 0):
+        raise MeasurementError(f"{csv_path}: non-positive seconds")
+
+    def resid(x):
+        return np.log(allreduce_seconds(nbytes, world, math.exp(x[0]), math.exp(x[1]), hw)) - (
+            np.log(secs)
+        )
+
+    x0 = np.array([math.log(max(float(secs.min()) * 0.5, 1e-7)), math.log(0.5)])
+    res = least_squares(resid, x0, method="lm", xtol=1e-14, ftol=1e-14, gtol=1e-14)
+    if not res.success:
+        raise CalibrationError(f"all-reduce fit did not converge: {res.message}")
+    latency, eff = math.exp(res.x[0]), math.exp(res.x[1])
+    pred = allreduce_seconds(nbytes, world, latency, eff, hw)
+    err = float(np.median(np.abs(pred / secs - 1.0)) * 100.0)
+    return latency, eff, err
