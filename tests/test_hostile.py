@@ -652,6 +652,7 @@ def mutate(data: dict, path: tuple, value) -> None:
 @settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
+    derandomize=not MANY,  # CI: the same examples every run; --many explores new ones
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(
@@ -690,7 +691,12 @@ YAML_TOKENS = list("abcdemnorstwkl:_-{}[],&*!|>'\"#%@ \n\t0123456789.") + [
 YAMLISH = st.lists(st.sampled_from(YAML_TOKENS), max_size=60).map("".join)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=not MANY,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(YAMLISH)
 def test_fuzz_experiment_text(text):
     """Random YAML-ish text in an experiment file: only ExperimentError ever comes out."""

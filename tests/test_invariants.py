@@ -119,6 +119,7 @@ def check_dependencies(df: pd.DataFrame, wl) -> None:
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
+    derandomize=not MANY,  # CI: the same examples every run; --many explores new ones
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(scenarios(max_requests=20))

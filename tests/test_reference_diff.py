@@ -131,6 +131,7 @@ def run_both(sc: Scenario):
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
+    derandomize=not MANY,  # CI: the same examples every run; --many explores new ones
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(scenarios())

@@ -184,7 +184,9 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
 def engines(draw, block_size: int, base_blocks: int) -> dict:
     eng: dict = {
         "block_size": block_size,
-        "num_gpu_blocks_override": base_blocks + draw(st.integers(1, 12) | st.integers(1, 80)),
+        # small pools: several running requests outgrow them, so preemption is common
+        "num_gpu_blocks_override": base_blocks
+        + draw(st.integers(2, 6) | st.integers(1, 12) | st.integers(1, 80)),
         "max_num_seqs": draw(st.integers(1, 8)),
         "max_num_batched_tokens": draw(
             st.sampled_from([1, 7, 16, 32, 64, 2048]) | st.integers(1, 300)

@@ -40,6 +40,10 @@ REASON_KV_CAPACITY = REJECT_REASONS[2]
 REASON_PARENT = REJECT_REASONS[3]
 
 
+
+class ReferenceScopeError(ValueError):
+    """A feature the fast core has and the reference model (deliberately) does not."""
+
 class Cluster:
     def __init__(
         self, env: simpy.Environment, plans, router, wl: CompiledWorkload, seed: int = 0
@@ -218,9 +222,9 @@ def run_reference(
         raise ValueError("no replicas")
     for plan in plans:
         if getattr(plan, "speculative", None) is not None:
-            raise NotImplementedError("the reference model does not model speculative decoding")
+            raise ReferenceScopeError("the reference model does not cover speculative decoding")
         if getattr(plan, "role", "aggregated") != "aggregated":
-            raise NotImplementedError("the reference model does not model disaggregated pools")
+            raise ReferenceScopeError("the reference model does not cover disaggregated pools")
     validate_compiled(workload)
     env = simpy.Environment()
     cluster = Cluster(env, plans, router, workload, seed)

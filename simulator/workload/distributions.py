@@ -116,7 +116,7 @@ class _DistBase(BaseModel):
         return self
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} is a base class: use a concrete distribution")
 
 
 class Fixed(_DistBase):
