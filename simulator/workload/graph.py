@@ -390,9 +390,10 @@ def _positions(prefix_parent, prefix_tokens, hp, htok, prefix, fresh, output):
     return pend, inherit, end, ERR_NONE, -1
 
 
-def graph_positions(g: SessionGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(inherited, prompt, end)`` tokens per request; ``end = prompt + output``."""
-    _, inherit, end, err, r = _positions(
+def _checked_positions(g: SessionGraph):
+    """``_positions`` of ``g``: (prefix end, inherited, end, request) per request; raises the
+    :class:`WorkloadError` of an inconsistent history or an empty prompt."""
+    pend, inherit, end, err, r = _positions(
         g.prefix_parent,
         g.prefix_tokens,
         g.history_parent,
@@ -408,6 +409,12 @@ def graph_positions(g: SessionGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray
         )
     if err == ERR_EMPTY_PROMPT:
         raise WorkloadError(f"request {r}: empty prompt (no inherited content and no fresh input)")
+    return pend, inherit, end
+
+
+def graph_positions(g: SessionGraph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(inherited, prompt, end)`` tokens per request; ``end = prompt + output``."""
+    _, inherit, end = _checked_positions(g)
     return inherit, inherit + g.fresh, end
 
 
@@ -571,17 +578,7 @@ def compile_graph(
         )
     n = g.num_requests
     k = g.num_prefix_nodes
-    pend, inherit, end, err, r = _positions(
-        g.prefix_parent,
-        g.prefix_tokens,
-        g.history_parent,
-        g.history_tokens,
-        g.prefix,
-        g.fresh,
-        g.output,
-    )
-    if err != ERR_NONE:
-        graph_positions(g)  # raises the error with its message
+    pend, inherit, end = _checked_positions(g)
     start, length, parent, off, cut_node, cut_off = _attach(
         g.prefix_parent,
         g.prefix_tokens,
@@ -676,17 +673,7 @@ def apply_compaction(
     """
     validate_graph(g)
     n = g.num_requests
-    pend, _, _, err, _ = _positions(
-        g.prefix_parent,
-        g.prefix_tokens,
-        g.history_parent,
-        g.history_tokens,
-        g.prefix,
-        g.fresh,
-        g.output,
-    )
-    if err != ERR_NONE:
-        graph_positions(g)
+    pend, _, _ = _checked_positions(g)
     limit = np.broadcast_to(np.asarray(context_limit, dtype=_I64), (n,))
     summary = np.broadcast_to(np.asarray(summary_tokens, dtype=_I64), (n,))
     cprompt = np.broadcast_to(np.asarray(prompt_tokens, dtype=_I64), (n,))

@@ -14,7 +14,6 @@ by timestamp (stable). Errors name the file, the line and the field.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 from simulator.textio import read_text
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.graph import SessionGraph, make_graph
-from simulator.workload.tracefile import Where, get_int, get_number
+from simulator.workload.tracefile import get_int, get_number, json_rows
 
 __all__ = ["read_mooncake"]
 
@@ -40,16 +39,7 @@ def read_mooncake(path: str | Path, block_tokens: int = 512) -> SessionGraph:
     prefix: list[int] = []
     trie: dict[tuple[int, int], int] = {}
     trie_parent: list[int] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = Where(src, lineno)
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise where.error(None, f"invalid JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise where.error(None, f"expected a JSON object, got {type(row).__name__}")
+    for where, row in json_rows(text, src):
         times.append(get_number(row, "timestamp", where) / 1000.0)
         inp = get_int(row, "input_length", where, minimum=1)
         prompt.append(inp)

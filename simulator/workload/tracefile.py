@@ -7,6 +7,7 @@ as one line and exit with code 2. Nothing is returned half-loaded.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -33,6 +34,22 @@ class Where:
     def error(self, field: str | None, message: str) -> WorkloadError:
         head = f"{self}: {field}: " if field else f"{self}: "
         return WorkloadError(head + message)
+
+
+def json_rows(text: str, source: str):
+    """``(Where, row)`` for every non-blank line of a JSONL text; a line that is not a JSON
+    object raises an error naming ``source`` and the line."""
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = Where(source, lineno)
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise where.error(None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise where.error(None, f"expected a JSON object, got {type(row).__name__}")
+        yield where, row
 
 
 def _short(value: Any) -> str:

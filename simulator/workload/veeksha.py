@@ -30,7 +30,7 @@ import numpy as np
 from simulator.textio import read_text
 from simulator.workload.compiled import WorkloadError
 from simulator.workload.graph import SessionGraph, graph_positions, session_bounds
-from simulator.workload.tracefile import Where, get_int, get_number, rows_to_graph
+from simulator.workload.tracefile import Where, get_int, get_number, json_rows, rows_to_graph
 
 __all__ = ["read_veeksha", "write_veeksha"]
 
@@ -66,16 +66,7 @@ def read_veeksha(path: str | Path) -> SessionGraph:
     ctx: list[dict | None] = []
     legacy_wait: list[float] = []
     turn_idx: list[int | None] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = Where(src, lineno)
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise where.error(None, f"invalid JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise where.error(None, f"expected a JSON object, got {type(row).__name__}")
+    for where, row in json_rows(text, src):
         session_key.append(_session_key(row, where))
         get_int(row, "input_length", where, minimum=0)
         fresh.append(get_int(row, "new_input_length", where, minimum=0))
@@ -127,7 +118,7 @@ def read_veeksha(path: str | Path) -> SessionGraph:
             )
         )
         turn_idx.append(get_int(row, "turn_idx", where, required=False, minimum=0))
-        lines.append(lineno)
+        lines.append(where.line)
     n = len(lines)
     if n == 0:
         raise WorkloadError(f"{src}: no requests in the file")
