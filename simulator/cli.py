@@ -58,6 +58,16 @@ def print_summary(s: dict) -> None:
         f"preemptions: {s['num_preemptions']:,}   peak KV usage: {s['peak_kv_usage'] * 100:.1f}%   "
         f"evicted blocks: {s['num_evicted_blocks']:,}"
     )
+    if s.get("host_tier"):
+        click.echo(
+            f"  of which GPU {s['gpu_cache_hit_rate'] * 100:.1f}%, host tier "
+            f"{s['host_cache_hit_rate'] * 100:.1f}% ({s['num_host_loads']:,} loads, p95 wait "
+            f"{_fmt_seconds(s.get('host_load_time_p95', float('nan')))})   "
+            f"prefetches: {s['num_prefetches']:,}"
+        )
+    if s.get("num_pins"):
+        click.echo(f"session TTL: {s['num_pins']:,} protections, {s['num_pins_broken']:,} broken "
+                   "early for memory")
     click.echo(f"wall time: {s['wall_seconds']:.2f} s ({s['num_events']:,} events)")
 
 

@@ -100,6 +100,40 @@ class SpeculativeConfig(_Model):
         return self
 
 
+class HostTierConfig(_Model):
+    """A pool of KV blocks in pinned host memory behind the GPU cache (REFERENCE.md §8).
+
+    Blocks the GPU evicts are copied there (asynchronously, overlapping compute: free in the
+    model); a prefix hit on them is copied back over PCIe before the request computes, delaying
+    only that request. Default bandwidth: pinned host -> device copies measured at 45.3 GB/s on
+    an H100 SXM (PyTorch 2.11), per GPU; a TP replica copies over all its GPUs' links at once.
+    """
+
+    capacity_gb: float = Field(gt=0, allow_inf_nan=False, description="host memory for KV (GB, 1e9)")
+    h2d_gb_per_s: float = Field(
+        45.3, gt=0, allow_inf_nan=False, description="host -> GPU copy bandwidth per GPU (GB/s)"
+    )
+
+
+class RetentionConfig(_Model):
+    """What happens to a finished request's blocks while its session waits (a tool call).
+
+    * ``lru``: they join the free queue at once (vLLM's behaviour).
+    * ``session_ttl``: the blocks its child will reuse stay referenced until the child is
+      admitted or ``ttl_s`` passes; blocks needed by running work break protections, oldest
+      first, before anything is preempted.
+    * ``offload_prefetch``: copied to the host tier at once and released; copied back so that
+      they land ``prefetch_margin_s`` before the child is due (needs ``kv_host_tier``).
+    """
+
+    policy: Literal["lru", "session_ttl", "offload_prefetch"] = "lru"
+    ttl_s: float = Field(60.0, gt=0, allow_inf_nan=False, description="session_ttl: seconds")
+    prefetch_margin_s: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="offload_prefetch: land the copy this many seconds before the child is due",
+    )
+
+
 class EngineConfig(_Model):
     """One replica's serving engine (vLLM V1 semantics). ``None`` means "vLLM's default"."""
 
@@ -125,6 +159,24 @@ class EngineConfig(_Model):
         description="force the KV block count (as vLLM's num_gpu_blocks_override)",
     )
     speculative: SpeculativeConfig | None = None
+    kv_host_tier: HostTierConfig | None = Field(
+        None, description="host-memory KV tier behind the GPU cache (None = no tier)"
+    )
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> EngineConfig:
+        if not self.enable_prefix_caching:
+            if self.kv_host_tier is not None:
+                raise ValueError("kv_host_tier needs enable_prefix_caching: true (it holds cached "
+                                 "prefix blocks)")
+            if self.retention.policy != "lru":
+                raise ValueError(f"retention.policy {self.retention.policy!r} needs "
+                                 "enable_prefix_caching: true")
+        if self.retention.policy == "offload_prefetch" and self.kv_host_tier is None:
+            raise ValueError("retention.policy 'offload_prefetch' needs kv_host_tier (a host "
+                             "pool to offload to)")
+        return self
 
 
 class ReplicaGroup(_Model):

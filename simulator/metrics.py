@@ -13,7 +13,10 @@ Definitions (WORKLOADS.md "What users measure"):
   as m per-token gaps of G/m in TBT, and once as G in TBC.
 * Output speed = (output tokens - 1) / (finish - first token), tokens/s, per request.
 * Prefix-cache hit rate = cached prompt tokens at first scheduling / prompt tokens, over the
-  requests that were scheduled (vLLM's ``num_cached_tokens``).
+  requests that were scheduled (vLLM's ``num_cached_tokens``). With a host KV tier it splits
+  into a GPU part and a host part (``host_cached_tokens``: prompt tokens whose KV was copied
+  back from host memory); ``host_load_time`` is the wait plus the copy that delayed the
+  request's first step (queued behind other copies on its replica's PCIe link).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from simulator.core.state import (
     RQ_FINISH,
     RQ_FIRST_SCHED,
     RQ_FIRST_TOKEN,
+    RQ_HOST_HIT,
+    RQ_LOAD_END,
     RQ_MAX_GAP,
     RQ_OUT_DONE,
     RQ_PREEMPTIONS,
@@ -154,8 +159,14 @@ def requests_frame(wl, q) -> pd.DataFrame:
             "kv_transfer_bytes": rqf[:, RQ_XFER_BYTES],
             "kv_wait": rqf[:, RQ_XFER_START] - rqf[:, RQ_XFER_QUEUED],
             "kv_transfer_time": rqf[:, RQ_XFER_END] - rqf[:, RQ_XFER_START],
+            "host_cached_tokens": rqi[:, RQ_HOST_HIT],
+            "host_load_time": rqf[:, RQ_LOAD_END] - rqf[:, RQ_FIRST_SCHED],
         }
     )
+
+
+def _col_sum(frame: pd.DataFrame, column: str) -> int:
+    return int(frame[column].sum()) if column in frame else 0
 
 
 def _imbalance(replicas: pd.DataFrame) -> float:
@@ -177,6 +188,7 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
     scheduled = requests[requests["scheduled_time"].notna()]
     prompt = int(scheduled["prompt_tokens"].sum())
     cached = int(scheduled["cached_tokens"].sum())
+    host_cached = _col_sum(scheduled, "host_cached_tokens")
     summary: dict = {
         "num_requests": int(len(requests)),
         "num_finished": int(len(fin)),
@@ -207,6 +219,8 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
     if (requests["decode_replica"] >= 0).any():
         summary |= _pcts(fin["kv_wait"].to_numpy(), "kv_wait")
         summary |= _pcts(fin["kv_transfer_time"].to_numpy(), "kv_transfer_time")
+    if host_cached:
+        summary |= _pcts(fin["host_load_time"].dropna().to_numpy(), "host_load_time")
     tput = out_tokens / duration if duration > 0 else float("nan")
     summary |= {
         "output_tokens": out_tokens,
@@ -215,11 +229,18 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
         "input_tokens_per_s": float(fin["prompt_tokens"].sum()) / duration if duration > 0 else float("nan"),
         "requests_per_s": len(fin) / duration if duration > 0 else float("nan"),
         "prefix_cache_hit_rate": cached / prompt if prompt else 0.0,
+        "gpu_cache_hit_rate": (cached - host_cached) / prompt if prompt else 0.0,
+        "host_cache_hit_rate": host_cached / prompt if prompt else 0.0,
         "num_preemptions": int(requests["preemptions"].sum()),
         "peak_kv_usage": float((replicas["peak_used_blocks"] / replicas["num_blocks"]).max()),
         "num_evicted_blocks": int(replicas["evicted_blocks"].sum()),
         "load_imbalance": _imbalance(replicas),
         "kv_transfer_bytes": float(requests["kv_transfer_bytes"].sum()),
+        "num_host_loads": _col_sum(replicas, "host_loads"),
+        "num_pins": _col_sum(replicas, "pins"),
+        "num_pins_broken": _col_sum(replicas, "pins_broken"),
+        "num_prefetches": _col_sum(replicas, "prefetches"),
+        "host_tier": bool(_col_sum(replicas, "host_capacity_blocks") > 0),
         "num_gpus": int(num_gpus),
         "num_replicas": int(len(replicas)),
     }

@@ -25,7 +25,15 @@ from simulator.config import (
     engine_for,
 )
 from simulator.core.heap import make_heap
-from simulator.core.kvcache import KS_EVICTED, KS_FREE, make_kv_state
+from simulator.core.kvcache import (
+    KS_EVICTED,
+    KS_FREE,
+    KS_HBLOCKS,
+    KS_HEVICTED,
+    KS_HPEAK,
+    KS_HSTORED,
+    make_kv_state,
+)
 from simulator.core.loop import init_events, run_events
 from simulator.core.state import (
     CORE_DONE,
@@ -47,25 +55,37 @@ from simulator.core.state import (
     GF_W_KV,
     GF_W_PREFIX,
     GF_W_QUEUE,
+    RETENTION_CODES,
     ROLE_CODES,
     ROUTER_CODES,
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
     RP_DRAFT_SECONDS,
+    RP_H2D_BW,
+    RP_H2D_SECONDS,
+    RP_HOST_LOAD_BLOCKS,
+    RP_HOST_LOADS,
     RP_KV_BYTES_TOKEN,
     RP_LINK_BW,
     RP_LINK_LATENCY,
     RP_NUM_STEPS,
     RP_PEAK_RUNNING,
     RP_PEAK_USED,
+    RP_PINS,
+    RP_PINS_BROKEN,
     RP_PREEMPTIONS,
+    RP_PREFETCH_BLOCKS,
+    RP_PREFETCH_MARGIN,
+    RP_PREFETCHES,
     RP_PREFILL_TOKENS,
+    RP_RETENTION,
     RP_ROLE,
     RP_ROUTED,
     RP_SPEC_ACCEPTED,
     RP_SPEC_ON,
     RP_SPEC_PROPOSED,
     RP_SPEC_VERIFIES,
+    RP_TTL,
     RP_XFER_BYTES_IN,
     RP_XFER_IN,
     RP_XFER_SECONDS,
@@ -127,6 +147,11 @@ class ReplicaPlan:
     draft_params: np.ndarray | None = field(default=None, repr=False)
     role: str = "aggregated"
     kv_bytes_per_token: int = 0  # the model's KV bytes per token, all TP ranks (transfers)
+    host_blocks: int = 0  # host-tier capacity in blocks (0 = no tier)
+    h2d_bytes_per_s: float = 0.0  # host -> GPU copy bandwidth of the whole replica
+    retention: str = "lru"
+    ttl_s: float = 0.0
+    prefetch_margin_s: float = 0.0
 
 
 def plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
@@ -187,6 +212,19 @@ def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
             except ValueError as exc:
                 raise ExperimentError(f"{where}: {exc}") from None
             num_blocks = eng.num_gpu_blocks_override or cap.num_blocks
+            kv_bytes_per_token = model.kv_bytes_per_token(eng.kv_dtype)
+            host_blocks = 0
+            h2d = 0.0
+            if eng.kv_host_tier is not None:
+                host_block_bytes = kv_bytes_per_token * eng.block_size
+                host_blocks = int(eng.kv_host_tier.capacity_gb * 1e9 // host_block_bytes)
+                if host_blocks < 1:
+                    raise ExperimentError(
+                        f"{where}: engine.kv_host_tier.capacity_gb = "
+                        f"{eng.kv_host_tier.capacity_gb}: smaller than one KV block of "
+                        f"{model.name} ({host_block_bytes} bytes)"
+                    )
+                h2d = eng.kv_host_tier.h2d_gb_per_s * 1e9 * eng.tp
             state_blocks = 0
             if cap.state_bytes_per_sequence > 0:
                 state_blocks = -(-cap.state_bytes_per_sequence // cap.bytes_per_block)
@@ -200,7 +238,10 @@ def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
                 state_blocks_per_seq=int(state_blocks), cost_params=params,
                 capacity_text=cap.describe(), calibrated=hw.calibrated,
                 speculative=spec, draft_params=draft_params,
-                kv_bytes_per_token=model.kv_bytes_per_token(eng.kv_dtype),
+                kv_bytes_per_token=kv_bytes_per_token,
+                host_blocks=host_blocks, h2d_bytes_per_s=h2d,
+                retention=eng.retention.policy, ttl_s=eng.retention.ttl_s,
+                prefetch_margin_s=eng.retention.prefetch_margin_s,
             )
         block_sizes.add(eng.block_size)
         base = cache[key]
@@ -292,6 +333,7 @@ def simulate(
         wl.node_start_tokens, wl.node_num_tokens, plans[0].block_size,
         np.array([p.num_blocks for p in plans], dtype=np.int64),
         np.array([int(p.enable_prefix_caching) for p in plans], dtype=np.int64),
+        host_blocks=np.array([p.host_blocks for p in plans], dtype=np.int64),
     )
     run_seed = exp.seed if seed is None else seed
     profiles: dict[str, int] = {}
@@ -351,7 +393,17 @@ def simulate(
     p.rpf[:, RP_KV_BYTES_TOKEN] = [pl.kv_bytes_per_token for pl in plans]
     g.gf[GF_LOCAL_PREFILL] = exp.cluster.disaggregation.local_prefill_threshold_tokens
     g.gi[G_CHUNK_HIST] = int(any(pl.speculative is not None for pl in plans))
-    heap = make_heap(wl.num_requests + 4 * n_rep + 16)
+    p.rpf[:, RP_H2D_BW] = [pl.h2d_bytes_per_s for pl in plans]
+    p.rpi[:, RP_RETENTION] = [RETENTION_CODES[pl.retention] for pl in plans]
+    p.rpf[:, RP_TTL] = [pl.ttl_s for pl in plans]
+    p.rpf[:, RP_PREFETCH_MARGIN] = [pl.prefetch_margin_s for pl in plans]
+    # one arrival per request at most, plus: one unpin or prefetch per finished request under a
+    # retention policy, one load completion per running request with a host tier
+    heap_size = wl.num_requests + 4 * n_rep + 16
+    if any(pl.retention != "lru" for pl in plans):
+        heap_size += wl.num_requests
+    heap_size += sum(pl.max_num_seqs for pl in plans if pl.host_blocks > 0)
+    heap = make_heap(heap_size)
     if not init_events(q, wl, heap, router.staleness_s):
         raise RuntimeError("event heap overflow while queueing arrivals")
     bar = ProgressBar(wl.num_requests, f"simulating {exp.name}", enabled=progress)
@@ -411,6 +463,18 @@ def simulate(
             "kv_transfers_in": p.rpi[:, RP_XFER_IN],
             "kv_transfer_bytes_in": p.rpf[:, RP_XFER_BYTES_IN],
             "kv_link_busy_seconds": p.rpf[:, RP_XFER_SECONDS],
+            "retention": [pl.retention for pl in plans],
+            "host_capacity_blocks": kv.kvs[:, KS_HBLOCKS],
+            "host_loads": p.rpi[:, RP_HOST_LOADS],
+            "host_load_blocks": p.rpi[:, RP_HOST_LOAD_BLOCKS],
+            "h2d_busy_seconds": p.rpf[:, RP_H2D_SECONDS],
+            "host_stored_blocks": kv.kvs[:, KS_HSTORED],
+            "host_evicted_blocks": kv.kvs[:, KS_HEVICTED],
+            "host_peak_blocks": kv.kvs[:, KS_HPEAK],
+            "pins": p.rpi[:, RP_PINS],
+            "pins_broken": p.rpi[:, RP_PINS_BROKEN],
+            "prefetches": p.rpi[:, RP_PREFETCHES],
+            "prefetch_blocks": p.rpi[:, RP_PREFETCH_BLOCKS],
         }
     )
     steps = None
@@ -433,6 +497,8 @@ def simulate(
     per_rep = scheduled.groupby("replica")[["prompt_tokens", "cached_tokens"]].sum()
     replicas["prompt_tokens"] = per_rep["prompt_tokens"].reindex(range(n_rep), fill_value=0)
     replicas["cached_tokens"] = per_rep["cached_tokens"].reindex(range(n_rep), fill_value=0)
+    host = scheduled.groupby("replica")["host_cached_tokens"].sum()
+    replicas["host_cached_tokens"] = host.reindex(range(n_rep), fill_value=0)
     replicas["prefix_cache_hit_rate"] = (
         replicas["cached_tokens"] / replicas["prompt_tokens"].where(replicas["prompt_tokens"] > 0)
     ).fillna(0.0)

@@ -26,6 +26,16 @@ that is already cached (vLLM's "last token is always recomputed" case, or two id
 in one step), it references the cached copy and its own physical block returns to the free
 queue at once, so one block per position is ever held, as in vLLM.
 
+Host tier (REFERENCE.md §8; vLLM's OffloadingConnector, Dynamo KVBM G2). A replica may have a
+pool of KV blocks in pinned host memory. ``host[rep, c, HN_RES]`` blocks of node ``c`` are held
+there, again counted from the node's first block, so a node's host copy is a prefix too. When the
+GPU evicts cached blocks of a node, the host receives the node's blocks up to the evicted ones
+(the copy is asynchronous and overlaps compute, so it delays nothing; its bytes are counted).
+The host pool is LRU over *nodes*: a ring of node ids (``hent``) in which each node with host
+blocks has exactly one live entry; storing to or loading from a node moves it to the newest end,
+and eviction shrinks the oldest node from its last block down. Path nodes are touched deepest
+first, so a session's shallow (shared) nodes outlive its deep ones, as on the GPU.
+
 All functions are ``@njit`` over the arrays of :class:`KVState`; units are blocks unless a name
 says tokens.
 """
@@ -59,7 +69,23 @@ KS_BLOCKS = 3  # blocks in the pool
 KS_EVICTED = 4  # cached blocks evicted so far
 KS_CACHING = 5  # 1 = prefix caching on
 KS_BLOCK_SIZE = 6  # tokens per block
-KS_NUM = 7
+KS_HBLOCKS = 7  # host-tier capacity in blocks (0 = no host tier)
+KS_HUSED = 8  # host blocks holding content
+KS_HHEAD = 9  # host LRU ring: absolute index of the oldest entry
+KS_HTAIL = 10  # one past the newest
+KS_HSTORED = 11  # blocks copied GPU -> host so far
+KS_HEVICTED = 12  # blocks dropped from the host tier so far
+KS_HPEAK = 13  # most host blocks in use at once
+# session TTL: finished requests still referencing their blocks, oldest first; a list linked
+# through the request table's queue links (the loop owns it; here for the partial rescans)
+KS_PIN_HEAD = 14
+KS_PIN_TAIL = 15
+KS_N_PINNED = 16
+KS_NUM = 17
+# host[rep, node, col] (shape [1, 1, HN_NUM] when no replica has a host tier)
+HN_RES = 0  # blocks of the node in host memory, from its first block
+HN_SLOT = 1  # absolute index of its entry in the host ring, -1 if none
+HN_NUM = 2
 # node_blocks[node, col]
 NB_FIRST = 0  # absolute index of the node's first full block
 NB_NUM = 1  # full blocks owned by the node
@@ -70,6 +96,8 @@ class KVState(NamedTuple):
     ent: np.ndarray  # int64[n_rep, cap, EN_NUM]
     kvs: np.ndarray  # int64[n_rep, KS_NUM]
     node_blocks: np.ndarray  # int64[N, 2]
+    host: np.ndarray  # int64[n_rep, N, HN_NUM], or [1, 1, HN_NUM] without a host tier
+    hent: np.ndarray  # int64[n_rep, host ring capacity]: node ids, -1 = dead entry
 
 
 def make_kv_state(
@@ -78,8 +106,12 @@ def make_kv_state(
     block_size: int,
     num_blocks: np.ndarray,
     caching: np.ndarray,
+    host_blocks: np.ndarray | None = None,
 ) -> KVState:
-    """Allocate the cache state of ``len(num_blocks)`` replicas, every block free."""
+    """Allocate the cache state of ``len(num_blocks)`` replicas, every block free.
+
+    ``host_blocks[rep]``: host-tier capacity of each replica in blocks (0 = none, the default).
+    """
     n_rep = int(num_blocks.shape[0])
     n_nodes = int(node_num_tokens.shape[0])
     node_blocks = np.empty((n_nodes, 2), dtype=np.int64)
@@ -95,10 +127,21 @@ def make_kv_state(
     ent[:, :, EN_NEWER] = -1
     ent[:, :, EN_OLDER] = -1
     kvs = np.zeros((n_rep, KS_NUM), dtype=np.int64)
+    kvs[:, KS_PIN_HEAD] = -1
+    kvs[:, KS_PIN_TAIL] = -1
     kvs[:, KS_BLOCKS] = num_blocks
     kvs[:, KS_CACHING] = caching
     kvs[:, KS_BLOCK_SIZE] = block_size
-    kv = KVState(kvn, ent, kvs, node_blocks)
+    if host_blocks is not None and int(np.max(host_blocks)) > 0:
+        kvs[:, KS_HBLOCKS] = host_blocks
+        host = np.zeros((n_rep, n_nodes, HN_NUM), dtype=np.int64)
+        host[:, :, HN_SLOT] = -1
+        hcap = 2 * min(n_nodes, int(np.max(host_blocks))) + 64
+    else:
+        host = np.zeros((1, 1, HN_NUM), dtype=np.int64)
+        hcap = 1
+    hent = np.full((n_rep, hcap), -1, dtype=np.int64)
+    kv = KVState(kvn, ent, kvs, node_blocks, host, hent)
     for rep in range(n_rep):
         fifo_push(kv, rep, -1, 0, int(num_blocks[rep]))
     return kv
@@ -229,6 +272,8 @@ def fifo_pop(kv, rep, count):
         take = count if count < avail else avail
         node = ent[rep, s, EN_NODE]
         if node >= 0:
+            if kvs[rep, KS_HBLOCKS] > 0:
+                host_store(kv, rep, node, ent[rep, s, EN_HI])
             kv.kvn[rep, node, KN_RES] -= take
             evicted += take
         ent[rep, s, EN_HI] -= take
@@ -313,3 +358,139 @@ def queued_blocks_in_prefix(kv, path_nodes, path_start, path_end, rep, num_block
         if target > m:
             total += target - m
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# host tier
+
+
+@njit(cache=True)
+def _host_compact(kv, rep):
+    """Squeeze dead entries out of the host ring, keeping the LRU order; O(ring capacity)."""
+    hent = kv.hent
+    cap = hent.shape[1]
+    head = kv.kvs[rep, KS_HHEAD]
+    tail = kv.kvs[rep, KS_HTAIL]
+    w = head
+    for e in range(head, tail):
+        c = hent[rep, e % cap]
+        if c >= 0:
+            hent[rep, w % cap] = c
+            kv.host[rep, c, HN_SLOT] = w
+            w += 1
+    for e in range(w, tail):
+        hent[rep, e % cap] = -1
+    kv.kvs[rep, KS_HTAIL] = w
+
+
+@njit(cache=True)
+def host_touch(kv, rep, c):
+    """Make node ``c`` (which has host blocks) the most recently used of the host tier."""
+    hent = kv.hent
+    cap = hent.shape[1]
+    slot = kv.host[rep, c, HN_SLOT]
+    tail = kv.kvs[rep, KS_HTAIL]
+    if slot == tail - 1:
+        return
+    if slot >= 0:
+        hent[rep, slot % cap] = -1
+    if tail - kv.kvs[rep, KS_HHEAD] >= cap:
+        _host_compact(kv, rep)
+        tail = kv.kvs[rep, KS_HTAIL]
+    hent[rep, tail % cap] = c
+    kv.host[rep, c, HN_SLOT] = tail
+    kv.kvs[rep, KS_HTAIL] = tail + 1
+
+
+@njit(cache=True)
+def host_evict(kv, rep, count):
+    """Drop ``count`` blocks from the host tier, least recently used node first, deepest block
+    of a node first."""
+    hent = kv.hent
+    cap = hent.shape[1]
+    kvs = kv.kvs
+    while count > 0 and kvs[rep, KS_HHEAD] < kvs[rep, KS_HTAIL]:
+        head = kvs[rep, KS_HHEAD]
+        c = hent[rep, head % cap]
+        if c < 0:
+            kvs[rep, KS_HHEAD] = head + 1
+            continue
+        have = kv.host[rep, c, HN_RES]
+        take = count if count < have else have
+        kv.host[rep, c, HN_RES] = have - take
+        kvs[rep, KS_HUSED] -= take
+        kvs[rep, KS_HEVICTED] += take
+        count -= take
+        if have == take:
+            hent[rep, head % cap] = -1
+            kv.host[rep, c, HN_SLOT] = -1
+            kvs[rep, KS_HHEAD] = head + 1
+
+
+@njit(cache=True)
+def host_store(kv, rep, c, upto):
+    """Copy blocks ``0..upto-1`` of node ``c`` to the host tier (those not there yet) and mark
+    the node most recently used; the tier then evicts down to its capacity. Returns the blocks
+    copied."""
+    kvs = kv.kvs
+    have = kv.host[rep, c, HN_RES]
+    added = upto - have
+    if added > 0:
+        kv.host[rep, c, HN_RES] = upto
+        kvs[rep, KS_HUSED] += added
+        kvs[rep, KS_HSTORED] += added
+    else:
+        added = 0
+    if kv.host[rep, c, HN_RES] > 0:
+        host_touch(kv, rep, c)
+    over = kvs[rep, KS_HUSED] - kvs[rep, KS_HBLOCKS]
+    if over > 0:
+        host_evict(kv, rep, over)
+    if kvs[rep, KS_HUSED] > kvs[rep, KS_HPEAK]:
+        kvs[rep, KS_HPEAK] = kvs[rep, KS_HUSED]
+    return added
+
+
+@njit(cache=True)
+def lookup_tiered(kv, path_nodes, path_start, path_end, rep, num_tokens):
+    """Prefix hit across GPU and host: ``(hit blocks, of which only the host holds)``.
+
+    A block counts if either tier holds it; the hit ends at the first block neither holds and
+    is capped at ``num_tokens - 1`` tokens, as :func:`lookup_hit_blocks`. O(nodes on the path).
+    """
+    cap = (num_tokens - 1) // kv.kvs[rep, KS_BLOCK_SIZE]
+    hits = 0
+    host_only = 0
+    for j in range(path_start, path_end):
+        c = path_nodes[j]
+        fb = kv.node_blocks[c, NB_FIRST]
+        if fb >= cap:
+            break
+        want = cap - fb
+        nb = kv.node_blocks[c, NB_NUM]
+        if want > nb:
+            want = nb
+        gpu = kv.kvn[rep, c, KN_RES]
+        if gpu > want:
+            gpu = want
+        have = kv.host[rep, c, HN_RES]
+        if have > want:
+            have = want
+        if have > gpu:
+            host_only += have - gpu
+        else:
+            have = gpu
+        hits = fb + have
+        if have < want:
+            break
+    return hits, host_only
+
+
+@njit(cache=True)
+def host_touch_path(kv, path_nodes, path_start, path_end, rep, num_blocks):
+    """Mark the nodes holding the first ``num_blocks`` blocks of a path as recently used in the
+    host tier, deepest first."""
+    for j in range(path_end - 1, path_start - 1, -1):
+        c = path_nodes[j]
+        if kv.node_blocks[c, NB_FIRST] < num_blocks and kv.host[rep, c, HN_RES] > 0:
+            host_touch(kv, rep, c)

@@ -25,6 +25,13 @@ after ``max_events`` and be resumed, which is how the Python side draws a progre
 Disaggregation adds ``EV_KV_DONE``: a prefill replica hands a request whose first token it
 emitted to its decode replica, which allocates blocks (FIFO), moves the missing KV over its
 link, and decodes on once the move completes; the prefill side holds its blocks until then.
+
+A host KV tier adds ``EV_LOAD_DONE``: a request whose prefix hit reaches into blocks only the
+host holds allocates GPU blocks for them, waits out the PCIe copy (``ST_LOADING``; the copy
+engine of a replica serialises its copies) and then computes the rest; other requests' steps go
+on meanwhile. Retention policies for tool gaps add ``EV_UNPIN`` (a session-TTL protection
+expires) and ``EV_PREFETCH``/``EV_PREFETCH_DONE`` (offloaded blocks are copied back ahead of
+the session's next request); see :func:`_retain`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from numba import njit
 
 from simulator.core.heap import heap_pop, heap_push
 from simulator.core.kvcache import (
+    HN_RES,
     KN_FULL,
     KN_PART,
     KN_PMAX,
@@ -43,11 +51,18 @@ from simulator.core.kvcache import (
     KS_BLOCKS,
     KS_CACHING,
     KS_FREE,
+    KS_HBLOCKS,
+    KS_N_PINNED,
+    KS_PIN_HEAD,
+    KS_PIN_TAIL,
     NB_FIRST,
     NB_NUM,
     fifo_pop,
     fifo_push,
+    host_store,
+    host_touch_path,
     lookup_hit_blocks,
+    lookup_tiered,
     max_extent,
     queued_blocks_in_prefix,
     take_from_queue,
@@ -60,9 +75,13 @@ from simulator.core.state import (
     CORE_PAUSED,
     EV_ARRIVAL,
     EV_KV_DONE,
+    EV_LOAD_DONE,
+    EV_PREFETCH,
+    EV_PREFETCH_DONE,
     EV_SCHEDULE,
     EV_SNAPSHOT,
     EV_STEP_END,
+    EV_UNPIN,
     G_CHUNK_HIST,
     G_DISAGG,
     G_ERROR,
@@ -82,6 +101,8 @@ from simulator.core.state import (
     REJECT_KV_CAPACITY,
     REJECT_MAX_MODEL_LEN,
     REJECT_PARENT,
+    RET_LRU,
+    RET_SESSION_TTL,
     ROLE_AGGREGATED,
     ROLE_DECODE,
     ROLE_PREFILL,
@@ -89,6 +110,11 @@ from simulator.core.state import (
     RP_BUSY_SECONDS,
     RP_DECODE_TOKENS,
     RP_DRAFT_SECONDS,
+    RP_H2D_BW,
+    RP_H2D_FREE_AT,
+    RP_H2D_SECONDS,
+    RP_HOST_LOAD_BLOCKS,
+    RP_HOST_LOADS,
     RP_KV_BYTES_TOKEN,
     RP_LINK_BW,
     RP_LINK_FREE_AT,
@@ -106,8 +132,14 @@ from simulator.core.state import (
     RP_PEAK_RUNNING,
     RP_PEAK_USED,
     RP_PENDING_PREFILL,
+    RP_PINS,
+    RP_PINS_BROKEN,
     RP_PREEMPTIONS,
+    RP_PREFETCH_BLOCKS,
+    RP_PREFETCH_MARGIN,
+    RP_PREFETCHES,
     RP_PREFILL_TOKENS,
+    RP_RETENTION,
     RP_ROLE,
     RP_ROUTED,
     RP_RQ_HEAD,
@@ -122,6 +154,7 @@ from simulator.core.state import (
     RP_SPEC_VERIFIES,
     RP_STATE_BLOCKS,
     RP_STEP_START,
+    RP_TTL,
     RP_WQ_HEAD,
     RP_WQ_TAIL,
     RP_XFER_BYTES_IN,
@@ -138,12 +171,16 @@ from simulator.core.state import (
     RQ_FIRST_SCHED,
     RQ_FIRST_TOKEN,
     RQ_FPOS,
+    RQ_HOST_HIT,
     RQ_LAST_TOKEN,
+    RQ_LOAD_END,
+    RQ_LOAD_START,
     RQ_MAX_GAP,
     RQ_NUM_TOKENS,
     RQ_OUT_DONE,
     RQ_PARENT_FAILED,
     RQ_PENDING,
+    RQ_PINNED,
     RQ_PREEMPTIONS,
     RQ_PREFILL_REPLICA,
     RQ_PRIVATE,
@@ -151,6 +188,7 @@ from simulator.core.state import (
     RQ_READY,
     RQ_REJECT,
     RQ_REPLICA,
+    RQ_RETAIN,
     RQ_SCHED_TOKENS,
     RQ_SPEC_ACCEPTED,
     RQ_SPEC_PROPOSED,
@@ -172,6 +210,7 @@ from simulator.core.state import (
     SL_USED_BLOCKS,
     ST_DISPATCHING,
     ST_FINISHED,
+    ST_LOADING,
     ST_PENDING,
     ST_REJECTED,
     ST_RELEASING,
@@ -200,6 +239,11 @@ def _drop_partial(kv, rqi, running, n_running, path_nodes, rep, c, ext, r):
             q = running[rep, i]
             if q != r and path_nodes[rqi[q, RQ_FPOS]] == c and rqi[q, RQ_FEXT] > m:
                 m = rqi[q, RQ_FEXT]
+        q = kv.kvs[rep, KS_PIN_HEAD]  # finished requests protected by a session TTL
+        while q != -1:
+            if q != r and path_nodes[rqi[q, RQ_FPOS]] == c and rqi[q, RQ_FEXT] > m:
+                m = rqi[q, RQ_FEXT]
+            q = rqi[q, RQ_WQ_NEXT]
         kvn[rep, c, KN_PMAX] = m
 
 
@@ -285,6 +329,236 @@ def _release_path(kv, rqi, running, n_running, path_nodes, req_path_start, rep, 
             new = max_extent(kv, rep, c)
             if new < old:
                 fifo_push(kv, rep, c, new, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# retention across tool gaps (session TTL, offload-and-prefetch) and the host tier
+
+
+@njit(cache=True)
+def _unlink_from(rqi, rpi, rep, r, head, tail, count):
+    """Remove ``r`` from anywhere in one of ``rep``'s request queues (see :func:`_push_back`)."""
+    prev = rqi[r, RQ_WQ_PREV]
+    nxt = rqi[r, RQ_WQ_NEXT]
+    if prev != -1:
+        rqi[prev, RQ_WQ_NEXT] = nxt
+    else:
+        rpi[rep, head] = nxt
+    if nxt != -1:
+        rqi[nxt, RQ_WQ_PREV] = prev
+    else:
+        rpi[rep, tail] = prev
+    rqi[r, RQ_WQ_NEXT] = -1
+    rqi[r, RQ_WQ_PREV] = -1
+    rpi[rep, count] -= 1
+
+
+@njit(cache=True)
+def _pin(kv, rqi, rep, r):
+    """Session TTL: ``r`` finished; free its private blocks but keep its references to the
+    cached blocks of its sequence (they stay out of the free queue, so nothing evicts them).
+    ``r`` joins the replica's list of protections (``KS_PIN_*``, oldest first)."""
+    if rqi[r, RQ_PRIVATE] > 0:
+        fifo_push(kv, rep, -1, 0, rqi[r, RQ_PRIVATE])
+    rqi[r, RQ_PRIVATE] = 0
+    rqi[r, RQ_TABLE_LEN] = 0
+    rqi[r, RQ_PINNED] = 1
+    _push_back(rqi, kv.kvs, rep, r, KS_PIN_HEAD, KS_PIN_TAIL, KS_N_PINNED)
+
+
+@njit(cache=True)
+def _unpin(kv, rqi, rpi, running, path_nodes, req_path_start, r):
+    """End ``r``'s protection: its blocks join the free queue, deepest first, as at a finish."""
+    rep = rqi[r, RQ_REPLICA]
+    _unlink_from(rqi, kv.kvs, rep, r, KS_PIN_HEAD, KS_PIN_TAIL, KS_N_PINNED)
+    _release_path(kv, rqi, running, rpi[rep, RP_N_RUNNING], path_nodes, req_path_start, rep, r)
+    rqi[r, RQ_COMMITTED] = 0
+    rqi[r, RQ_FEXT] = 0
+    rqi[r, RQ_PINNED] = 0
+
+
+@njit(cache=True)
+def _unpin_oldest(kv, rqi, rpi, running, wl, rep):
+    """Blocks are short: drop the oldest protection on ``rep`` (protection never starves work)."""
+    _unpin(kv, rqi, rpi, running, wl.path_nodes, wl.req_path_start, kv.kvs[rep, KS_PIN_HEAD])
+    rpi[rep, RP_PINS_BROKEN] += 1
+
+
+@njit(cache=True)
+def _unpin_parents(kv, rqi, rpi, running, wl, r):
+    """``r`` was admitted (its prefix is referenced now): its parents' protections end."""
+    for k in range(wl.req_parents_start[r], wl.req_parents_start[r + 1]):
+        par = wl.parent_ids[k]
+        if rqi[par, RQ_PINNED] == 1:
+            _unpin(kv, rqi, rpi, running, wl.path_nodes, wl.req_path_start, par)
+
+
+@njit(cache=True)
+def _store_path(kv, rqi, path_nodes, req_path_start, rep, r):
+    """Offload-and-prefetch: copy ``r``'s committed blocks to the host tier, deepest first."""
+    j = rqi[r, RQ_FPOS]
+    for jj in range(j, req_path_start[r] - 1, -1):
+        c = path_nodes[jj]
+        upto = kv.node_blocks[c, NB_NUM] if jj < j else rqi[r, RQ_FEXT]
+        if upto > 0:
+            host_store(kv, rep, c, upto)
+
+
+@njit(cache=True)
+def _h2d_copy(rpf, rep, num_blocks, bs, now):
+    """Reserve the replica's host -> GPU copy engine for ``num_blocks`` blocks; copies are
+    serialised. Returns ``(start, end)`` in seconds."""
+    nbytes = num_blocks * bs * rpf[rep, RP_KV_BYTES_TOKEN]
+    start = now if now > rpf[rep, RP_H2D_FREE_AT] else rpf[rep, RP_H2D_FREE_AT]
+    busy = nbytes / rpf[rep, RP_H2D_BW]
+    rpf[rep, RP_H2D_FREE_AT] = start + busy
+    rpf[rep, RP_H2D_SECONDS] += busy
+    return start, start + busy
+
+
+@njit(cache=True)
+def _prefetch_missing(kv, rqi, wl, rep, r):
+    """Blocks of ``r``'s retained prefix that the host tier holds and the GPU does not."""
+    retain = rqi[r, RQ_RETAIN]
+    missing = 0
+    for j in range(wl.req_path_start[r], wl.req_path_start[r + 1]):
+        c = wl.path_nodes[j]
+        fb = kv.node_blocks[c, NB_FIRST]
+        if fb >= retain:
+            break
+        target = retain - fb
+        if target > kv.node_blocks[c, NB_NUM]:
+            target = kv.node_blocks[c, NB_NUM]
+        want = kv.host[rep, c, HN_RES]
+        if want > target:
+            want = target
+        if want > kv.kvn[rep, c, KN_RES]:
+            missing += want - kv.kvn[rep, c, KN_RES]
+    return missing
+
+
+@njit(cache=True)
+def _on_prefetch(kv, q, p, wl, heap, r, now):
+    """The tool is about to return: start copying ``r``'s offloaded blocks back to the GPU."""
+    rep = q.rqi[r, RQ_REPLICA]
+    missing = _prefetch_missing(kv, q.rqi, wl, rep, r)
+    if missing == 0:
+        return True
+    _, end = _h2d_copy(p.rpf, rep, missing, kv.kvs[rep, KS_BLOCK_SIZE], now)
+    return heap_push(heap, end, EV_PREFETCH_DONE, r)
+
+
+@njit(cache=True)
+def _on_prefetch_done(kv, q, p, wl, r):
+    """Prefetched blocks are in GPU memory: they become cached (unreferenced, most recently
+    used), taking free blocks from the head of the free queue as any allocation does."""
+    rqi = q.rqi
+    rep = rqi[r, RQ_REPLICA]
+    retain = rqi[r, RQ_RETAIN]
+    kvn = kv.kvn
+    kvs = kv.kvs
+    pushed = 0
+    added = 0
+    ps = wl.req_path_start[r]
+    for jj in range(wl.req_path_start[r + 1] - 1, ps - 1, -1):
+        c = wl.path_nodes[jj]
+        fb = kv.node_blocks[c, NB_FIRST]
+        if fb >= retain:
+            continue
+        target = retain - fb
+        if target > kv.node_blocks[c, NB_NUM]:
+            target = kv.node_blocks[c, NB_NUM]
+        want = kv.host[rep, c, HN_RES]
+        if want > target:
+            want = target
+        res = kvn[rep, c, KN_RES]
+        if want <= res:
+            continue
+        m = max_extent(kv, rep, c)
+        if res > m:
+            take_from_queue(kv, rep, c, res)  # lifted out so the allocation cannot evict them
+        add = want - res
+        room = kvs[rep, KS_FREE] - pushed
+        if add > room:
+            add = room if room > 0 else 0
+        if add > 0:
+            fifo_pop(kv, rep, add)
+            kvn[rep, c, KN_RES] = res + add
+            added += add
+        if kvn[rep, c, KN_RES] > m:
+            fifo_push(kv, rep, c, m, kvn[rep, c, KN_RES])
+            pushed += kvn[rep, c, KN_RES] - m
+    host_touch_path(kv, wl.path_nodes, ps, wl.req_path_start[r + 1], rep, retain)
+    if added > 0:
+        p.rpi[rep, RP_PREFETCHES] += 1
+        p.rpi[rep, RP_PREFETCH_BLOCKS] += added
+
+
+@njit(cache=True)
+def _on_load_done(kv, q, p, wl, heap, r, now):
+    """A host-tier load finished: the loaded blocks become cached content, ``r`` computes on."""
+    rqi = q.rqi
+    rpi = p.rpi
+    rep = rqi[r, RQ_REPLICA]
+    rqi[r, RQ_STATUS] = ST_RUNNING
+    rpi[rep, RP_N_HELD] -= 1
+    blocks = rqi[r, RQ_COMPUTED] // kv.kvs[rep, KS_BLOCK_SIZE]
+    if blocks > rqi[r, RQ_COMMITTED]:
+        _advance(kv, rqi, p.running, rpi[rep, RP_N_RUNNING], wl.path_nodes, wl.req_path_start,
+                 rep, r, blocks, True)
+    if rpi[rep, RP_BUSY] == 0:
+        rpi[rep, RP_BUSY] = 1
+        return heap_push(heap, now, EV_SCHEDULE, rep)
+    return True
+
+
+@njit(cache=True)
+def _retain(kv, q, p, wl, heap, rep, r, n_run, now):
+    """``r`` finished on ``rep``: release its blocks under the replica's retention policy.
+
+    * LRU: everything goes back to the free queue (tail first).
+    * Session TTL: if ``r`` has children, the nodes it fully covers stay referenced until a
+      child is admitted, ``RP_TTL`` seconds pass, or blocks run short (oldest protection first).
+    * Offload-and-prefetch: if ``r``'s children will wait (a tool call), its blocks are copied to
+      the host tier and released; a prefetch is queued so that the copy back finishes
+      ``RP_PREFETCH_MARGIN`` seconds before the child is due (its wait is known from the trace).
+
+    Returns False if the event heap overflowed.
+    """
+    rqi = q.rqi
+    rpi = p.rpi
+    policy = rpi[rep, RP_RETENTION]
+    cs = wl.req_children_start[r]
+    ce = wl.req_children_start[r + 1]
+    if policy == RET_LRU or ce == cs or kv.kvs[rep, KS_CACHING] == 0:
+        _release(kv, rqi, p.running, n_run, wl.path_nodes, wl.req_path_start, rep, r)
+        return True
+    if policy == RET_SESSION_TTL:
+        if rqi[r, RQ_COMMITTED] == 0:  # no full block cached: nothing to protect
+            _release(kv, rqi, p.running, n_run, wl.path_nodes, wl.req_path_start, rep, r)
+            return True
+        _pin(kv, rqi, rep, r)
+        rpi[rep, RP_PINS] += 1
+        return heap_push(heap, now + p.rpf[rep, RP_TTL], EV_UNPIN, r)
+    # offload-and-prefetch: the soonest child that this request is the last parent of
+    wait = -1.0
+    for k in range(cs, ce):
+        ch = wl.child_ids[k]
+        if rqi[ch, RQ_PENDING] == 1:
+            w = wl.req_wait_after_ready[ch]
+            if wait < 0.0 or w < wait:
+                wait = w
+    retain = rqi[r, RQ_COMMITTED]
+    if wait > 0.0 and retain > 0 and kv.kvs[rep, KS_HBLOCKS] > 0:
+        rqi[r, RQ_RETAIN] = retain
+        _store_path(kv, rqi, wl.path_nodes, wl.req_path_start, rep, r)
+        _release(kv, rqi, p.running, n_run, wl.path_nodes, wl.req_path_start, rep, r)
+        lead = retain * kv.kvs[rep, KS_BLOCK_SIZE] * p.rpf[rep, RP_KV_BYTES_TOKEN] / p.rpf[
+            rep, RP_H2D_BW]
+        due = now + wait - lead - p.rpf[rep, RP_PREFETCH_MARGIN]
+        return heap_push(heap, due if due > now else now, EV_PREFETCH, r)
+    _release(kv, rqi, p.running, n_run, wl.path_nodes, wl.req_path_start, rep, r)
+    return True
 
 
 @njit(cache=True, inline="always")
@@ -410,6 +684,9 @@ def _start_transfers(kv, q, p, wl, heap, rep, now):
         if hits > 0:
             touched = queued_blocks_in_prefix(kv, path_nodes, ps, pe, rep, hits)
         if need + touched > kvs[rep, KS_FREE]:
+            if kvs[rep, KS_PIN_HEAD] != -1:
+                _unpin_oldest(kv, rqi, rpi, p.running, wl, rep)
+                continue
             return True
         _pop_front(rqi, rpi, rep, RP_RQ_HEAD, RP_RQ_TAIL, RP_N_REMOTE)
         n_run = rpi[rep, RP_N_RUNNING]
@@ -428,6 +705,7 @@ def _start_transfers(kv, q, p, wl, heap, rep, now):
         if caching and prompt // bs > rqi[r, RQ_COMMITTED]:
             _advance(kv, rqi, p.running, n_run, path_nodes, wl.req_path_start, rep, r,
                      prompt // bs, True)
+        _unpin_parents(kv, rqi, rpi, p.running, wl, r)
         p.running[rep, n_run] = r
         rpi[rep, RP_N_RUNNING] = n_run + 1
         rpi[rep, RP_N_HELD] += 1
@@ -478,8 +756,16 @@ def _on_kv_done(kv, q, p, wl, heap, r, now):
 
 
 @njit(cache=True)
-def _schedule(kv, q, p, wl, g, rep, now):
-    """Form one batch on replica ``rep`` (vLLM V1 order). Returns the number scheduled."""
+def _schedule(kv, q, p, wl, g, heap, rep, now):
+    """Form one batch on replica ``rep`` (vLLM V1 order). Returns the number scheduled, or -1
+    if the event heap overflowed.
+
+    With a host tier, a waiting request whose prefix hit extends into host-only blocks is
+    admitted without computing: it allocates the blocks, waits (``ST_LOADING``) for the copy
+    over PCIe, serialised per replica, and meanwhile takes no part in steps (vLLM's
+    ``WAITING_FOR_REMOTE_KVS``, REFERENCE.md §8). Protected (session-TTL) blocks are released,
+    oldest first, before any running request is preempted or a waiting one is held back.
+    """
     rqi = q.rqi
     rpi = p.rpi
     running = p.running
@@ -490,6 +776,7 @@ def _schedule(kv, q, p, wl, g, rep, now):
     budget = rpi[rep, RP_MAX_BATCHED]
     max_len = rpi[rep, RP_MAX_LEN]
     caching = kvs[rep, KS_CACHING] == 1
+    host_tier = caching and kvs[rep, KS_HBLOCKS] > 0
     out_target = wl.req_output_tokens
     k_spec = 0
     if rpi[rep, RP_SPEC_ON] == 1:
@@ -501,7 +788,7 @@ def _schedule(kv, q, p, wl, g, rep, now):
     i = 0
     while i < rpi[rep, RP_N_RUNNING] and budget > 0:
         r = running[rep, i]
-        if rqi[r, RQ_STATUS] == ST_TRANSFERRING:
+        if rqi[r, RQ_STATUS] == ST_TRANSFERRING or rqi[r, RQ_STATUS] == ST_LOADING:
             i += 1
             continue
         computed = rqi[r, RQ_COMPUTED]
@@ -524,10 +811,14 @@ def _schedule(kv, q, p, wl, g, rep, now):
             drafts = n - 1
         need = (computed + n + bs - 1) // bs - rqi[r, RQ_TABLE_LEN]
         self_preempted = False
+        while need > kvs[rep, KS_FREE] and kvs[rep, KS_PIN_HEAD] != -1:
+            _unpin_oldest(kv, rqi, rpi, p.running, wl, rep)
         while need > kvs[rep, KS_FREE]:
-            # the newest running request is the victim (transfers in flight are not preemptible)
+            # the newest running request is the victim (transfers and loads in flight are not
+            # preemptible)
             last = rpi[rep, RP_N_RUNNING] - 1
-            while rqi[running[rep, last], RQ_STATUS] == ST_TRANSFERRING:
+            while (rqi[running[rep, last], RQ_STATUS] == ST_TRANSFERRING
+                   or rqi[running[rep, last], RQ_STATUS] == ST_LOADING):
                 last -= 1
             victim = running[rep, last]
             _remove_running(running, rpi, rep, victim)
@@ -576,18 +867,31 @@ def _schedule(kv, q, p, wl, g, rep, now):
             pe = path_start[r + 1]
             num_tokens = rqi[r, RQ_NUM_TOKENS]
             hits = 0
+            all_hits = 0
+            host_only = 0
             if caching:
                 hits = lookup_hit_blocks(kv, path_nodes, ps, pe, rep, num_tokens)
-            computed = hits * bs
-            n = num_tokens - computed
-            if n > budget:
-                n = budget
-            new_blocks = (computed + n + bs - 1) // bs - hits
+                if host_tier:
+                    all_hits, host_only = lookup_tiered(kv, path_nodes, ps, pe, rep, num_tokens)
+            loading = all_hits > hits
+            if loading:
+                computed = all_hits * bs
+                n = 0
+                new_blocks = all_hits - hits
+            else:
+                computed = hits * bs
+                n = num_tokens - computed
+                if n > budget:
+                    n = budget
+                new_blocks = (computed + n + bs - 1) // bs - hits
             extra = rpi[rep, RP_STATE_BLOCKS]
             touched = 0
             if hits > 0:
                 touched = queued_blocks_in_prefix(kv, path_nodes, ps, pe, rep, hits)
             if new_blocks + extra + touched > kvs[rep, KS_FREE]:
+                if kvs[rep, KS_PIN_HEAD] != -1:
+                    _unpin_oldest(kv, rqi, rpi, p.running, wl, rep)
+                    continue
                 break
             _pop_front(rqi, rpi, rep, RP_WQ_HEAD, RP_WQ_TAIL, RP_N_WAITING)
             n_run = rpi[rep, RP_N_RUNNING]
@@ -604,12 +908,30 @@ def _schedule(kv, q, p, wl, g, rep, now):
                 fifo_pop(kv, rep, take)
             rqi[r, RQ_PRIVATE] += take
             rqi[r, RQ_TABLE_LEN] = hits + new_blocks
-            if rqi[r, RQ_CACHED] < 0:
+            first = rqi[r, RQ_CACHED] < 0
+            if first:
                 rqi[r, RQ_CACHED] = computed
                 q.rqf[r, RQ_FIRST_SCHED] = now
-            rqi[r, RQ_STATUS] = ST_RUNNING
+                if rqi[r, RQ_DECODE_REPLICA] < 0:
+                    _unpin_parents(kv, rqi, rpi, p.running, wl, r)
             running[rep, n_run] = r
             rpi[rep, RP_N_RUNNING] = n_run + 1
+            if loading:
+                rqi[r, RQ_STATUS] = ST_LOADING
+                rqi[r, RQ_COMPUTED] = computed
+                rpi[rep, RP_N_HELD] += 1
+                rpi[rep, RP_HOST_LOADS] += 1
+                rpi[rep, RP_HOST_LOAD_BLOCKS] += host_only
+                host_touch_path(kv, path_nodes, ps, pe, rep, all_hits)
+                start, end = _h2d_copy(p.rpf, rep, host_only, bs, now)
+                if first:
+                    rqi[r, RQ_HOST_HIT] = host_only * bs
+                    q.rqf[r, RQ_LOAD_START] = start
+                    q.rqf[r, RQ_LOAD_END] = end
+                if not heap_push(heap, end, EV_LOAD_DONE, r):
+                    return -1
+                continue
+            rqi[r, RQ_STATUS] = ST_RUNNING
             p.scheduled[rep, n_sched] = r
             p.scheduled_new[rep, n_sched] = n
             p.scheduled_drafts[rep, n_sched] = 0
@@ -729,7 +1051,9 @@ def _on_schedule(kv, q, p, wl, g, heap, rep, now):
     if rpi[rep, RP_RQ_HEAD] != -1:
         if not _start_transfers(kv, q, p, wl, heap, rep, now):
             return CORE_ERR_HEAP_FULL
-    n = _schedule(kv, q, p, wl, g, rep, now)
+    n = _schedule(kv, q, p, wl, g, heap, rep, now)
+    if n < 0:
+        return CORE_ERR_HEAP_FULL
     if n == 0:
         rpi[rep, RP_BUSY] = 0
         # with KV transfers in flight the replica is woken when they complete
@@ -904,7 +1228,8 @@ def _on_step_end(kv, q, p, wl, g, heap, rep, now):
         for k in range(n_run):
             r = running[rep, k]
             if rqi[r, RQ_STATUS] == ST_RELEASING:
-                _release(kv, rqi, running, n_run, wl.path_nodes, wl.req_path_start, rep, r)
+                if not _retain(kv, q, p, wl, heap, rep, r, n_run, now):
+                    ok = False
                 rqi[r, RQ_STATUS] = ST_FINISHED
                 rpi[rep, RP_OUTSTANDING] -= 1
                 g.gi[G_NUM_DONE] += 1
@@ -969,6 +1294,17 @@ def run_events(kv, q, p, wl, g, heap, max_events):
         elif kind == EV_KV_DONE:
             if not _on_kv_done(kv, q, p, wl, heap, payload, now):
                 return CORE_ERR_HEAP_FULL
+        elif kind == EV_LOAD_DONE:
+            if not _on_load_done(kv, q, p, wl, heap, payload, now):
+                return CORE_ERR_HEAP_FULL
+        elif kind == EV_UNPIN:
+            if q.rqi[payload, RQ_PINNED] == 1:
+                _unpin(kv, q.rqi, p.rpi, p.running, wl.path_nodes, wl.req_path_start, payload)
+        elif kind == EV_PREFETCH:
+            if not _on_prefetch(kv, q, p, wl, heap, payload, now):
+                return CORE_ERR_HEAP_FULL
+        elif kind == EV_PREFETCH_DONE:
+            _on_prefetch_done(kv, q, p, wl, payload)
         elif kind == EV_SNAPSHOT:
             take_snapshot(kv, p.rpi)
             if heap.size[0] > 0 and not heap_push(heap, now + g.gf[GF_STALENESS], EV_SNAPSHOT, 0):

@@ -19,6 +19,10 @@ EV_SCHEDULE = 1  # a replica forms its next batch (payload: replica id)
 EV_STEP_END = 2  # a replica's step finishes (payload: replica id)
 EV_SNAPSHOT = 3  # the router refreshes its (stale) view of replica load
 EV_KV_DONE = 4  # a prefill->decode KV transfer completes (payload: request id)
+EV_LOAD_DONE = 5  # a host-tier KV load into GPU memory completes (payload: request id)
+EV_UNPIN = 6  # session TTL: a finished request's protected blocks expire (payload: request id)
+EV_PREFETCH = 7  # offload-and-prefetch: start loading a session back from host (payload: request)
+EV_PREFETCH_DONE = 8  # ... the prefetched blocks are in GPU memory (payload: request id)
 
 # Replica roles and router pools.
 ROLE_AGGREGATED = 0
@@ -35,6 +39,15 @@ ST_FINISHED = 4
 ST_REJECTED = 5
 ST_RELEASING = 6  # finished in the current step, blocks not yet released
 ST_TRANSFERRING = 7  # prefill done on a prefill replica; its KV is moving to a decode replica
+ST_LOADING = 8  # admitted; its prefix hit is being copied from the host tier (not schedulable)
+
+# KV retention policies for tool gaps (engine.retention.policy)
+RET_LRU = 0  # plain LRU: a finished request's blocks join the free queue
+RET_SESSION_TTL = 1  # keep them referenced until the session's next request is admitted, <= T s
+RET_OFFLOAD_PREFETCH = 2  # copy them to the host tier at once; load back before the tool returns
+RETENTION_CODES = {
+    "lru": RET_LRU, "session_ttl": RET_SESSION_TTL, "offload_prefetch": RET_OFFLOAD_PREFETCH,
+}
 
 # Rejection reasons.
 REJECT_NONE = 0
@@ -105,7 +118,10 @@ RQ_CHUNKS = 20  # token emissions (a speculative step emits several tokens in on
 RQ_DECODE_REPLICA = 21  # disaggregation: the decode replica chosen at dispatch, -1 if none
 RQ_PREFILL_REPLICA = 22  # disaggregation: where the prompt was computed, -1 if local
 RQ_PRIVATE_P = 23  # disaggregation: private blocks still held on the prefill replica
-RQ_NUM_INT = 24
+RQ_HOST_HIT = 24  # tokens of the first prefix hit that were loaded from the host tier
+RQ_PINNED = 25  # 1 while session TTL protects its blocks after it finished (on RQ_REPLICA)
+RQ_RETAIN = 26  # blocks of its sequence committed when it finished (retention policies)
+RQ_NUM_INT = 27
 
 # --- request float columns: rqf[r, col], seconds ---
 RQ_READY = 0  # all parents finished (a root: its arrival time)
@@ -119,7 +135,9 @@ RQ_XFER_QUEUED = 7  # prefill done, waiting for the decode replica's blocks
 RQ_XFER_START = 8  # KV transfer starts (blocks allocated on the decode replica, link free)
 RQ_XFER_END = 9
 RQ_XFER_BYTES = 10  # bytes moved (only what the decode replica did not have cached)
-RQ_NUM_FLOAT = 11
+RQ_LOAD_START = 11  # host-tier load of its first admission: copy starts (PCIe free)
+RQ_LOAD_END = 12  # ... and completes
+RQ_NUM_FLOAT = 13
 
 # --- replica integer columns: rpi[rep, col] ---
 RP_MAX_BATCHED = 0  # max_num_batched_tokens
@@ -158,7 +176,14 @@ RP_RQ_TAIL = 32
 RP_N_REMOTE = 33
 RP_XFER_IN = 34  # KV transfers received
 RP_N_HELD = 35  # running-list entries that are transfers in flight (not schedulable)
-RP_NUM_INT = 36
+RP_PINS = 36  # session-TTL protections started (the list itself: kvcache KS_PIN_*)
+RP_PINS_BROKEN = 37  # protections dropped early because the blocks were needed
+RP_HOST_LOADS = 38  # admissions that loaded part of their prefix from the host tier
+RP_HOST_LOAD_BLOCKS = 39
+RP_PREFETCHES = 40  # offload-and-prefetch loads that brought blocks back
+RP_PREFETCH_BLOCKS = 41
+RP_RETENTION = 42  # RET_* policy
+RP_NUM_INT = 43
 
 # --- replica float columns: rpf[rep, col], seconds ---
 RP_STEP_START = 0
@@ -171,7 +196,12 @@ RP_LINK_LATENCY = 6  # per-transfer latency (s)
 RP_KV_BYTES_TOKEN = 7  # KV bytes per token of the model, all TP ranks together
 RP_XFER_BYTES_IN = 8
 RP_XFER_SECONDS = 9  # link busy time
-RP_NUM_FLOAT = 10
+RP_H2D_BW = 10  # host -> GPU bandwidth of the replica, all its GPUs together (bytes/s)
+RP_H2D_FREE_AT = 11  # when its host -> GPU copies are next free (s); loads are serialised
+RP_H2D_SECONDS = 12  # busy time of host -> GPU copies (loads and prefetches)
+RP_TTL = 13  # session TTL: longest protection (s)
+RP_PREFETCH_MARGIN = 14  # offload-and-prefetch: start this much earlier than the estimate (s)
+RP_NUM_FLOAT = 15
 
 # --- global scalars ---
 G_ROUTER = 0

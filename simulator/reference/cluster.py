@@ -225,6 +225,12 @@ def run_reference(
             raise ReferenceScopeError("the reference model does not cover speculative decoding")
         if getattr(plan, "role", "aggregated") != "aggregated":
             raise ReferenceScopeError("the reference model does not cover disaggregated pools")
+        if getattr(plan, "host_blocks", 0) > 0:
+            raise ReferenceScopeError("the reference model does not cover the host KV tier")
+        if getattr(plan, "retention", "lru") != "lru":
+            raise ReferenceScopeError(
+                f"the reference model covers LRU retention only, not {plan.retention!r}"
+            )
     validate_compiled(workload)
     env = simpy.Environment()
     cluster = Cluster(env, plans, router, workload, seed)
