@@ -335,9 +335,11 @@ def parse_experiment(data: Any, source: str = "<experiment>", base: Path | None 
         raise ExperimentError(f"{source}: workload: field required")
     data["workload"] = _resolve_workload(data["workload"], base or Path("."), source)
     try:
-        return Experiment.model_validate(data)
+        exp = Experiment.model_validate(data)
     except ValidationError as err:
         raise ExperimentError(format_validation_error(source, err, data)) from None
+    exp._source = source
+    return exp
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -8,7 +8,8 @@
 * times are ordered: ready <= arrival <= scheduled <= first token <= finish;
 * children are dispatched exactly ``wait_after_ready`` after their last parent finished;
 * KV blocks are conserved: at the end every block is back in the free queue, and during a run
-  ``free + referenced + private == pool`` (:func:`check_kv`).
+  ``free + referenced + private == pool`` (:func:`check_kv`); a host tier never holds more than
+  its capacity and its LRU ring lists exactly the nodes with host blocks.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from simulator.core.kvcache import (
     EN_HI,
     EN_LO,
     EN_NODE,
+    HN_RES,
+    HN_SLOT,
     KN_FULL,
     KN_PART,
     KN_PMAX,
     KN_RES,
     KS_BLOCKS,
     KS_FREE,
+    KS_HBLOCKS,
     KS_HEAD,
+    KS_HUSED,
     KS_TAIL,
     NB_NUM,
     KVState,
@@ -145,4 +150,19 @@ def check_kv(kv: KVState, q) -> list[str]:
             c = int(bad[0])
             problems.append(f"replica {rep}: node {c} has {queued[c]} queued blocks, expected "
                             f"{int(res[c] - maxext[c])} (cached - referenced)")
+        if kv.kvs[rep, KS_HBLOCKS] > 0:
+            hres = kv.host[rep, :, HN_RES]
+            used = int(kv.kvs[rep, KS_HUSED])
+            if used != int(hres.sum()) or used > int(kv.kvs[rep, KS_HBLOCKS]):
+                problems.append(f"replica {rep}: host tier holds {int(hres.sum())} blocks, "
+                                f"counter says {used}, capacity {int(kv.kvs[rep, KS_HBLOCKS])}")
+            if np.any(hres > nb) or np.any(hres < 0):
+                problems.append(f"replica {rep}: host block count out of range")
+            live = kv.hent[rep][kv.hent[rep] >= 0]
+            listed = np.flatnonzero(hres > 0)
+            if live.size != np.unique(live).size or not np.array_equal(np.sort(live), listed):
+                problems.append(f"replica {rep}: host LRU ring lists nodes {np.sort(live)[:5]}... "
+                                f"but nodes {listed[:5]}... hold host blocks")
+            if np.any(kv.host[rep, listed, HN_SLOT] < 0):
+                problems.append(f"replica {rep}: a node with host blocks has no ring entry")
     return problems

@@ -217,7 +217,7 @@ def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
             h2d = 0.0
             if eng.kv_host_tier is not None:
                 host_block_bytes = kv_bytes_per_token * eng.block_size
-                host_blocks = int(eng.kv_host_tier.capacity_gb * 1e9 // host_block_bytes)
+                host_blocks = int(eng.kv_host_tier.capacity_gb * 1e9 / host_block_bytes + 1e-9)
                 if host_blocks < 1:
                     raise ExperimentError(
                         f"{where}: engine.kv_host_tier.capacity_gb = "

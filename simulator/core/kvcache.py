@@ -390,8 +390,8 @@ def host_touch(kv, rep, c):
     cap = hent.shape[1]
     slot = kv.host[rep, c, HN_SLOT]
     tail = kv.kvs[rep, KS_HTAIL]
-    if slot == tail - 1:
-        return
+    if slot >= 0 and slot == tail - 1:
+        return  # the newest already
     if slot >= 0:
         hent[rep, slot % cap] = -1
     if tail - kv.kvs[rep, KS_HHEAD] >= cap:
