@@ -59,7 +59,7 @@ def _swap(h, i, j):
     h.payload[j] = p
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def heap_push(h, time, kind, payload):
     """Schedule an event; returns False when the heap is full (the caller reports it)."""
     n = h.size[0]
@@ -82,7 +82,7 @@ def heap_push(h, time, kind, payload):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def heap_pop(h):
     """Remove the earliest event; returns (time, kind, payload). The heap must not be empty."""
     time = h.time[0]

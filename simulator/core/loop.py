@@ -40,7 +40,8 @@ import math
 
 from numba import njit
 
-from simulator.core.heap import heap_pop, heap_push
+from simulator.core.borrow import borrow
+from simulator.core.heap import EventHeap, heap_pop, heap_push
 from simulator.core.kvcache import (
     HN_RES,
     KN_FULL,
@@ -57,6 +58,7 @@ from simulator.core.kvcache import (
     KS_PIN_TAIL,
     NB_FIRST,
     NB_NUM,
+    KVState,
     fifo_pop,
     fifo_push,
     host_store,
@@ -218,9 +220,13 @@ from simulator.core.state import (
     ST_TRANSFERRING,
     ST_WAITING,
     WIN_NUM_BINS,
+    Globals,
+    Replicas,
+    Requests,
 )
 from simulator.core.uniform import uniform
 from simulator.costmodel import step_seconds
+from simulator.workload.compiled import CompiledWorkload
 
 # ----------------------------------------------------------------------------------------------
 # block references of one request (see kvcache.py for the data structure)
@@ -247,7 +253,7 @@ def _drop_partial(kv, rqi, running, n_running, path_nodes, rep, c, ext, r):
         kvn[rep, c, KN_PMAX] = m
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _advance(kv, rqi, running, n_running, path_nodes, req_path_start, rep, r, new_committed,
              computed):
     """Reference the first ``new_committed`` blocks of ``r``'s sequence.
@@ -755,7 +761,7 @@ def _on_kv_done(kv, q, p, wl, heap, r, now):
 # scheduling
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _schedule(kv, q, p, wl, g, heap, rep, now):
     """Form one batch on replica ``rep`` (vLLM V1 order). Returns the number scheduled, or -1
     if the event heap overflowed.
@@ -955,7 +961,7 @@ def _schedule(kv, q, p, wl, g, heap, rep, now):
 # events
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _release_children(q, wl, heap, r, now, failed):
     """``r`` is done (finished, or rejected if ``failed``); dispatch children that are ready."""
     rqi = q.rqi
@@ -983,7 +989,7 @@ def _reject(q, wl, heap, g, r, reason, now):
     return _release_children(q, wl, heap, r, now, True)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _on_arrival(kv, q, p, wl, g, heap, r, now):
     rqi = q.rqi
     rpi = p.rpi
@@ -1045,7 +1051,7 @@ def _on_arrival(kv, q, p, wl, g, heap, r, now):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _on_schedule(kv, q, p, wl, g, heap, rep, now):
     rpi = p.rpi
     if rpi[rep, RP_RQ_HEAD] != -1:
@@ -1117,7 +1123,7 @@ def _on_schedule(kv, q, p, wl, g, heap, rep, now):
     return CORE_DONE
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _on_step_end(kv, q, p, wl, g, heap, rep, now):
     rqi = q.rqi
     rqf = q.rqf
@@ -1275,7 +1281,38 @@ def init_events(q, wl, heap, staleness):
 
 @njit(cache=True)
 def run_events(kv, q, p, wl, g, heap, max_events):
-    """Process up to ``max_events`` events. Returns CORE_DONE, CORE_PAUSED or an error code."""
+    """Process up to ``max_events`` events. Returns CORE_DONE, CORE_PAUSED or an error code.
+
+    The loop runs on borrowed views of the state (:mod:`simulator.core.borrow`): the caller's
+    arrays stay alive for the whole call, and no reference counting happens per event.
+    """
+    return _run_events(
+        KVState(borrow(kv.kvn), borrow(kv.ent), borrow(kv.kvs), borrow(kv.node_blocks),
+                borrow(kv.host), borrow(kv.hent)),
+        Requests(borrow(q.rqi), borrow(q.rqf)),
+        Replicas(borrow(p.rpi), borrow(p.rpf), borrow(p.running), borrow(p.scheduled),
+                 borrow(p.scheduled_new), borrow(p.cost_params),
+                 borrow(p.decode_seconds_by_count), borrow(p.scheduled_drafts),
+                 borrow(p.spec_alpha), borrow(p.spec_k_table), borrow(p.draft_params)),
+        CompiledWorkload(borrow(wl.node_parent), borrow(wl.node_start_tokens),
+                         borrow(wl.node_num_tokens), borrow(wl.req_session),
+                         borrow(wl.req_prompt_tokens), borrow(wl.req_output_tokens),
+                         borrow(wl.req_arrival_time), borrow(wl.req_wait_after_ready),
+                         borrow(wl.req_path_start), borrow(wl.path_nodes),
+                         borrow(wl.req_parents_start), borrow(wl.parent_ids),
+                         borrow(wl.req_children_start), borrow(wl.child_ids)),
+        Globals(borrow(g.gi), borrow(g.gf), borrow(g.now), borrow(g.gap_hist),
+                borrow(g.chunk_gap_hist), borrow(g.gap_hist_win), borrow(g.step_log),
+                borrow(g.session_home), borrow(g.route_scratch), borrow(g.pool_members),
+                borrow(g.pool_sizes), borrow(g.new_tokens), borrow(g.context_tokens)),
+        EventHeap(borrow(heap.time), borrow(heap.seq), borrow(heap.kind), borrow(heap.payload),
+                  borrow(heap.size), borrow(heap.next_seq)),
+        max_events,
+    )
+
+
+@njit(cache=True)
+def _run_events(kv, q, p, wl, g, heap, max_events):
     count = 0
     while heap.size[0] > 0:
         if count >= max_events:
