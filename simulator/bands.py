@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from simulator.calibrate import check_gpu, step_rows
 from simulator.costmodel import (
     GROUP_NAMES,
     P_DENSE_PARAMS,
@@ -51,16 +52,23 @@ from simulator.costmodel import (
     build_cost_params,
     step_seconds,
 )
-from simulator.hardware import HardwareProfile
+from simulator.executor import TaskRunner
+from simulator.hardware import HardwareProfile, load_hardware
 
 __all__ = [
     "BAND_METRICS",
     "BAND_QUANTILES",
+    "NOT_PERTURBED",
     "BandError",
+    "GroupResiduals",
+    "band_rng",
+    "check_plans",
     "draw_factors",
+    "experiment_residuals",
     "format_band",
     "load_residuals",
     "perturb_params",
+    "required_groups",
     "resampled_plans",
     "run_band",
     "step_band_coverage",
@@ -235,6 +243,7 @@ def resampled_plans(
 
 def _band_task(task) -> dict[str, float]:
     """Simulate one resampled cost model (a module-level function, for the process pool)."""
+    # imported here, as the CLI does, so that commands other than run start without the core
     from simulator.simulate import simulate
 
     exp, plans = task
@@ -259,8 +268,6 @@ def run_band(
     ``runs``, ``seed``, ``quantiles``, per metric ``{"point", "p10", "p50", "p90", "unit"}``,
     every run's values and the factors each run drew.
     """
-    from simulator.executor import TaskRunner
-
     if runs < 2:
         raise BandError(f"--band: must be 0 (off) or at least 2 runs (got {runs})")
     check_plans(plans, residuals_by_hw)
@@ -332,8 +339,6 @@ def step_band_coverage(meas, hw: HardwareProfile, draws: int = 200, seed: int = 
     "coverage", "by_kind": {kind: fraction}, "median_half_width_pct", "rows": [...]}``; a
     fraction near 0.8 means the band is as wide as the errors; above, wider (conservative).
     """
-    from simulator.calibrate import check_gpu, step_rows
-
     check_gpu(meas, hw)
     residuals = load_residuals(hw)
     factors = [draw_factors(residuals, band_rng(seed, i)) for i in range(draws)]
@@ -391,8 +396,6 @@ def experiment_residuals(exp) -> dict[str, dict[str, np.ndarray]]:
 
     BandError (one line starting with the experiment's file) when a profile keeps none.
     """
-    from simulator.hardware import load_hardware
-
     out: dict[str, dict[str, np.ndarray]] = {}
     for gi, group in enumerate(exp.cluster.replicas):
         ref = group.hardware or exp.hardware
