@@ -185,10 +185,9 @@ def validate_steps_command(measurements, hw_ref, as_json, worst):
     except MeasurementError as exc:
         _fail(str(exc))
     met = all(s["meets_targets"] for s in report["summary"].values())
-    coverage = None
     try:  # the prediction band's check, where the profile keeps residual rows
         coverage = step_band_coverage(meas, hw)
-    except BandError:
+    except BandError:  # none kept (an uncalibrated profile): no band to check
         coverage = None
     if coverage is not None:
         report["band_coverage"] = {k: v for k, v in coverage.items() if k != "rows"}
