@@ -21,6 +21,7 @@ of the prediction when comparing.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -47,6 +48,7 @@ __all__ = [
     "load_measurements",
     "predict_operators",
     "profile_to_yaml",
+    "step_rows",
     "validate_steps",
 ]
 
@@ -323,16 +325,27 @@ def _unsplit(d: pd.DataFrame, split_below: float) -> np.ndarray:
 
 @dataclass
 class FitResult:
-    """Fitted values, per-group residual summaries and the fitted profile."""
+    """Fitted values, per-group residual summaries and the fitted profile.
+
+    ``log_ratios`` holds, per operator group, ``ln(predicted / measured)`` of every row in the
+    measurement file's order (dimensionless, rounded to 4 decimals): the signed residual
+    distribution :mod:`simulator.bands` resamples.
+    """
 
     values: dict[str, float]
     residuals: dict[str, dict[str, float]]
     profile: HardwareProfile
     messages: list[str] = field(default_factory=list)
+    log_ratios: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _abs_pct(pred, meas) -> np.ndarray:
     return 100.0 * np.abs(np.asarray(pred) / np.asarray(meas) - 1.0)
+
+
+def _log_ratios(pred, meas) -> list[float]:
+    """``ln(predicted / measured)`` per row, rounded to 4 decimals (0.01 % of a ratio)."""
+    return [round(float(x), 4) for x in np.log(np.asarray(pred) / np.asarray(meas))]
 
 
 def _summary(err: np.ndarray) -> dict[str, float]:
@@ -495,6 +508,7 @@ def calibrate(
     fitted = fitted.model_copy(update={"calibration": {"elementwise_ops": ops}})
     pred = predict_operators(meas, fitted)
     residuals = {}
+    log_ratios = {}
     for kind, pr in pred.items():
         measured = t[kind]["seconds"].to_numpy(dtype=float)
         if kind == "gemm":
@@ -502,12 +516,16 @@ def calibrate(
                 sel = t["gemm"]["dtype"].to_numpy() == dtype
                 if sel.any():
                     residuals[f"gemm_{dtype}"] = _summary(_abs_pct(pr[sel], measured[sel]))
+                    log_ratios[f"gemm_{dtype}"] = _log_ratios(pr[sel], measured[sel])
         else:
             residuals[kind] = _summary(_abs_pct(pr, measured))
+            log_ratios[kind] = _log_ratios(pr, measured)
     block = _calibration_block(meas, residuals, date)
+    for kind, ratios in log_ratios.items():
+        block["residuals"][kind]["log_ratios"] = ratios
     block["elementwise_ops"] = ops
     fitted = fitted.model_copy(update={"calibration": block})
-    return FitResult(values=v, residuals=residuals, profile=fitted)
+    return FitResult(values=v, residuals=residuals, profile=fitted, log_ratios=log_ratios)
 
 
 def _round(x: float) -> float:
@@ -573,15 +591,38 @@ def _fitted_profile(
     return hardware_from_dict(data, f"fitted {hw.name}")
 
 
+class _FlowList(list):
+    """A list written in YAML flow style (``[a, b, ...]``): the residual rows stay compact."""
+
+
+class _ProfileDumper(yaml.SafeDumper):
+    """SafeDumper that writes :class:`_FlowList` in flow style, everything else as usual."""
+
+
+_ProfileDumper.add_representer(
+    _FlowList,
+    lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True),
+)
+
+
 def profile_to_yaml(hw: HardwareProfile, header: str = "") -> str:
-    """The profile as YAML, fields in declaration order, sources last."""
+    """The profile as YAML, fields in declaration order, sources last.
+
+    Residual rows (``calibration.residuals.<group>.log_ratios``) are written as flow lists.
+    """
     data = hw.model_dump(exclude_none=False)
     sources = data.pop("sources")
     calib = data.pop("calibration", None)
     text = header
     text += yaml.safe_dump(data, sort_keys=False, width=100)
     if calib:
-        text += yaml.safe_dump({"calibration": calib}, sort_keys=False, width=100)
+        calib = copy.deepcopy(calib)
+        for group in (calib.get("residuals") or {}).values():
+            if isinstance(group, dict) and isinstance(group.get("log_ratios"), list):
+                group["log_ratios"] = _FlowList(group["log_ratios"])
+        text += yaml.dump(
+            {"calibration": calib}, Dumper=_ProfileDumper, sort_keys=False, width=100
+        )
     text += yaml.safe_dump({"sources": sources}, sort_keys=False, width=10_000)
     return text
 
@@ -601,17 +642,21 @@ def _step_batch(row) -> tuple[np.ndarray, np.ndarray]:
     return np.array(new, dtype=np.int64), np.array(ctx, dtype=np.int64)
 
 
-def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> dict:
-    """Predicted vs measured for every whole-step row; summary per kind and the worst rows."""
-    check_gpu(meas, hw)
+def step_rows(meas: Measurements) -> list[dict]:
+    """The whole-step rows of ``meas`` as batches: per row ``model_name``, ``model``
+    (:class:`~simulator.models.ModelSpec`), ``kind``, ``batch`` (text), ``new`` and ``context``
+    (int64 arrays of tokens per sequence) and ``measured_seconds``.
+
+    MeasurementError when ``steps.csv`` is missing, names an unknown model, or ran a different
+    number of layers than the model has.
+    """
     if "steps" not in meas.tables:
         raise MeasurementError(f"{meas.path / 'steps.csv'}: missing")
-    steps = meas.tables["steps"]
-    params_by_model: dict[str, np.ndarray] = {}
-    rows = []
-    for _, r in steps.iterrows():
+    models = {}
+    out = []
+    for _, r in meas.tables["steps"].iterrows():
         name = str(r["model"])
-        if name not in params_by_model:
+        if name not in models:
             try:
                 model = load_model(name)
             except ValueError as exc:
@@ -621,16 +666,42 @@ def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> d
                     f"steps.csv: rows of {name} ran {int(r['layers'])} layers, "
                     f"the model has {model.num_layers}"
                 )
-            params_by_model[name] = build_cost_params(model, hw)
-        params = params_by_model[name]
+            models[name] = model
         new, ctx = _step_batch(r)
+        out.append(
+            {
+                "model_name": name,
+                "model": models[name],
+                "kind": str(r["kind"]),
+                "batch": _describe(r),
+                "new": new,
+                "context": ctx,
+                "measured_seconds": float(r["seconds_graph"]),
+            }
+        )
+    return out
+
+
+def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> dict:
+    """Predicted vs measured for every whole-step row; summary per kind and the worst rows."""
+    check_gpu(meas, hw)
+    if "steps" not in meas.tables:
+        raise MeasurementError(f"{meas.path / 'steps.csv'}: missing")
+    params_by_model: dict[str, np.ndarray] = {}
+    rows = []
+    for r in step_rows(meas):
+        name = r["model_name"]
+        if name not in params_by_model:
+            params_by_model[name] = build_cost_params(r["model"], hw)
+        params = params_by_model[name]
+        new, ctx = r["new"], r["context"]
         predicted = float(step_seconds(params, new, ctx, len(new))) - params[P_STEP_OVERHEAD]
-        measured = float(r["seconds_graph"])
+        measured = r["measured_seconds"]
         rows.append(
             {
-                "kind": str(r["kind"]),
+                "kind": r["kind"],
                 "model": name,
-                "batch": _describe(r),
+                "batch": r["batch"],
                 "measured_seconds": measured,
                 "predicted_seconds": predicted,
                 "error_pct": 100.0 * (predicted / measured - 1.0),

@@ -87,9 +87,19 @@ def main() -> None:
               help="verify KV-block conservation every 10,000 events and token/time invariants "
                    "after the run")
 @click.option("--progress/--no-progress", default=None, help="force the progress bar on/off")
+@click.option("--band", "band_runs", type=int, default=0, metavar="N",
+              help="also simulate N >= 2 cost models resampled from the profile's calibration "
+                   "residuals; report p10/p50/p90 of TTFT, TBT, E2E and throughput (band.json)")
 def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool, check: bool,
-        progress: bool | None) -> None:
+        progress: bool | None, band_runs: int) -> None:
     """Simulate EXPERIMENT (a YAML file) and print its summary."""
+    from simulator.bands import (
+        BandError,
+        check_plans,
+        experiment_residuals,
+        format_band,
+        run_band,
+    )
     from simulator.simulate import plan_replicas, simulate
 
     try:
@@ -98,8 +108,14 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
             if seed < 0:
                 raise ExperimentError(f"--seed: must be >= 0 (got {seed})")
             exp = exp.model_copy(update={"seed": seed})
+        if band_runs < 0 or band_runs == 1:
+            raise ExperimentError(f"--band: must be 0 (off) or at least 2 runs (got {band_runs})")
         plans = plan_replicas(exp)
-    except ExperimentError as exc:
+        residuals = {}
+        if band_runs:
+            residuals = experiment_residuals(exp)
+            check_plans(plans, residuals, exp._source)
+    except (ExperimentError, BandError) as exc:
         _fail(str(exc))
         return
     if not as_json:
@@ -131,14 +147,27 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
     if target is not None:
         result.save(target)
     summary = result.summary()
+    band = None
+    if band_runs:
+        try:
+            band = run_band(exp, plans, residuals, band_runs, summary, progress=progress)
+        except BandError as exc:
+            _fail(str(exc))
+            return
+        if target is not None:
+            (target / "band.json").write_text(json.dumps(band, indent=2, default=float))
     if as_json:
+        if band is not None:
+            summary["band"] = band
         click.echo(json.dumps(summary, default=float))
     else:
         print_summary(summary)
         if check:
             click.echo("invariants: all hold")
+        if band is not None:
+            click.echo(format_band(band))
         if target is not None:
-            click.echo(f"results written to {target}/")
+            click.echo(f"results written to {target}/" + (" (band: band.json)" if band else ""))
 
 
 @main.command()

@@ -12,11 +12,13 @@ GPU name not matching the profile).
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
 import click
 
+from simulator.bands import BandError, step_band_coverage
 from simulator.calibrate import (
     TARGET_MEDIAN_PCT,
     TARGET_P90_PCT,
@@ -72,9 +74,21 @@ def _display_path(path: Path) -> str:
     default=None,
     help="Cap on model evaluations per fit (a fit that hits it has not converged).",
 )
+@click.option(
+    "--date",
+    "fit_date",
+    default=None,
+    help="Date recorded as the fit's (YYYY-MM-DD; default today): re-fitting committed "
+    "measurements with their original date reproduces the committed profile.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as one JSON object.")
-def calibrate_command(measurements, output, hw_ref, max_evaluations, as_json):
+def calibrate_command(measurements, output, hw_ref, max_evaluations, fit_date, as_json):
     """Fit a hardware profile's efficiencies to operator measurements (never to step rows)."""
+    if fit_date is not None:
+        try:
+            fit_date = datetime.date.fromisoformat(fit_date).isoformat()
+        except ValueError:
+            _fail(f"--date: not a YYYY-MM-DD date (got {fit_date!r})")
     try:
         meas = load_measurements(measurements)
     except MeasurementError as exc:
@@ -82,7 +96,11 @@ def calibrate_command(measurements, output, hw_ref, max_evaluations, as_json):
     hw = _hardware(hw_ref, meas)
     try:
         fit = calibrate(
-            meas, hw, max_nfev=max_evaluations, source_dir=_display_path(Path(measurements))
+            meas,
+            hw,
+            max_nfev=max_evaluations,
+            date=fit_date,
+            source_dir=_display_path(Path(measurements)),
         )
     except MeasurementError as exc:
         _fail(str(exc))
@@ -167,6 +185,12 @@ def validate_steps_command(measurements, hw_ref, as_json, worst):
     except MeasurementError as exc:
         _fail(str(exc))
     met = all(s["meets_targets"] for s in report["summary"].values())
+    try:  # the prediction band's check, where the profile keeps residual rows
+        coverage = step_band_coverage(meas, hw)
+    except BandError:  # none kept (an uncalibrated profile): no band to check
+        coverage = None
+    if coverage is not None:
+        report["band_coverage"] = {k: v for k, v in coverage.items() if k != "rows"}
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -184,5 +208,14 @@ def validate_steps_command(measurements, hw_ref, as_json, worst):
                     f" ms  predicted {r['predicted_seconds'] * 1e3:8.2f} ms  "
                     f"{r['error_pct']:+6.1f} %"
                 )
+        if coverage is not None:
+            lo, hi = coverage["band"]
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in coverage["by_kind"].items())
+            click.echo(
+                f"\nprediction band (p{lo}-p{hi} of {coverage['draws']} cost models resampled from "
+                f"operator residuals): covers {coverage['coverage']:.0%} of step rows ({kinds}; "
+                f"nominal {(hi - lo) / 100:.0%}); median half-width "
+                f"{coverage['median_half_width_pct']:.1f} %"
+            )
     if not met:
         raise SystemExit(1)

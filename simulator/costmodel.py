@@ -61,6 +61,10 @@ the elementwise bandwidth and reported as the group's ``elementwise_seconds``. `
 ``grouped_gemm_efficiency`` of the dense GEMM rate and bandwidth. ``linear_attention`` and
 ``allreduce`` keep the plain roofline max (not calibrated). Left out: embedding lookup, sampling,
 MLA's up-projection of cached latents during prefill.
+
+Each group's roofline and fixed seconds are multiplied by its entry of ``P_GROUP_SCALE`` (all
+1.0 from :func:`build_cost_params`, which leaves the sums bit-for-bit unchanged);
+:mod:`simulator.bands` sets them to draw perturbed cost models for prediction bands.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ from simulator.models import ModelSpec, dtype_bytes
 __all__ = [
     "DECODE_MAX_NEW_TOKENS",
     "GROUP_NAMES",
+    "P_GROUP_SCALE",
     "build_cost_params",
     "check_tp",
     "smooth_max",
@@ -140,7 +145,8 @@ P_GROUPED_EFF = 49  # grouped expert GEMMs: fraction of dense GEMM rate and band
 P_ATTN_DEC_FLOP_RATE = 50  # decode attention FLOP/s when the KV is not split (large batches)
 P_ATTN_DEC_SPLIT_BELOW = 51  # decode seqs x KV heads below which the kernel splits the KV
 P_KV_HEADS_GPU = 52  # KV heads per GPU of GQA attention (0 for MLA: no split rule)
-NUM_PARAMS = 53
+P_GROUP_SCALE = 53  # first of 8 multipliers (one per group, GROUP_NAMES order; 1.0 = as fitted)
+NUM_PARAMS = P_GROUP_SCALE + 8
 
 #: GEMM kernels per layer: fused qkv + o; fused gate_up + down; router + 2 grouped expert
 #: GEMMs (+2 for shared experts); Gated DeltaNet in_proj_qkvz + in_proj_ba + out_proj;
@@ -323,6 +329,7 @@ def build_cost_params(
     p[P_ATTN_DEC_FLOP_RATE] = hw.peak_flops.bf16 * hw.attention_decode_efficiency
     p[P_ATTN_DEC_SPLIT_BELOW] = hw.attention_decode_split_below
     p[P_KV_HEADS_GPU] = 0.0 if model.is_mla else max(1, model.num_kv_heads // tp)
+    p[P_GROUP_SCALE : P_GROUP_SCALE + len(GROUP_NAMES)] = 1.0
     return p
 
 
@@ -534,12 +541,14 @@ def _group_times(params, terms):
 
 @numba.njit(cache=True)
 def _group_seconds(params, g, compute, memory, fixed, elementwise):
-    """Seconds of group ``g``: the two roofline terms combined, plus fixed and elementwise."""
+    """Seconds of group ``g``: the two roofline terms combined, plus fixed, times the group's
+    multiplier (``params[P_GROUP_SCALE + g]``, 1.0 unless a prediction band perturbs it), plus
+    the elementwise seconds."""
     if g == G_LINEAR or g == G_ALLREDUCE:  # not calibrated: plain roofline
         core = max(compute[g], memory[g])
     else:
         core = smooth_max(compute[g], memory[g], params[P_GEMM_P])
-    return core + fixed[g] + elementwise[g]
+    return (core + fixed[g]) * params[P_GROUP_SCALE + g] + elementwise[g]
 
 
 @numba.njit(cache=True)

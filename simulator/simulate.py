@@ -314,6 +314,7 @@ class Result:
 def simulate(
     exp: Experiment, seed: int | None = None, progress: bool | None = None,
     workload: CompiledWorkload | None = None, check_every: int = 0,
+    plans: list[ReplicaPlan] | None = None,
 ) -> Result:
     """Run one experiment to completion and return its :class:`Result`.
 
@@ -321,10 +322,12 @@ def simulate(
     and trace replays use it); ``progress`` forces the progress bar on or off (default: on for
     a terminal, after 2 s). ``check_every > 0`` stops the core every that many events to verify
     KV-block conservation (:func:`simulator.invariants.check_kv`), raising
-    :class:`simulator.invariants.InvariantError` at the first violation.
+    :class:`simulator.invariants.InvariantError` at the first violation. ``plans`` replaces
+    :func:`plan_replicas`'s (prediction bands pass plans with perturbed cost parameters).
     """
     t0 = time.perf_counter()
-    plans = plan_replicas(exp)
+    if plans is None:
+        plans = plan_replicas(exp)
     if workload is None:
         workload = compile_workload(exp.workload, exp.seed if seed is None else seed)
     wl = workload

@@ -211,3 +211,22 @@ def test_fit_that_does_not_converge_keeps_the_previous_profile(tmp_path):
     assert res.exit_code == 1
     assert "did not converge" in res.output and "left as it was" in res.output
     assert out.read_text() == previous
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "h200"])
+def test_refit_with_the_original_date_reproduces_the_shipped_profile(tmp_path, monkeypatch, gpu):
+    root = MEAS.parent.parent
+    monkeypatch.chdir(root)
+    out = tmp_path / f"{gpu}.yaml"
+    args = [f"hardware_profiles/measurements/{gpu}", "-o", str(out), "--date", "2026-11-23"]
+    res = CliRunner().invoke(calibrate_command, args)
+    assert res.exit_code == 0, res.output
+    assert out.read_text() == (root / "hardware_profiles" / f"{gpu}.yaml").read_text()
+
+
+def test_calibrate_bad_date_is_one_line(tmp_path):
+    args = [str(MEAS / "h100-sxm"), "-o", str(tmp_path / "o.yaml"), "--date", "23/11/2026"]
+    res = CliRunner().invoke(calibrate_command, args)
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --date: not a YYYY-MM-DD date (got '23/11/2026')"
+    assert not (tmp_path / "o.yaml").exists()
