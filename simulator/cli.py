@@ -144,7 +144,7 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="directory for summaries.parquet and speed_distribution.png")
+              help="directory for summaries.parquet, metrics.png and speed_distribution.png")
 @click.option("--json", "as_json", is_flag=True, help="print the table as JSON records")
 def compare(study_file: Path, out_dir: Path | None, as_json: bool) -> None:
     """Run the variants of STUDY_FILE and compare their metrics side by side."""
@@ -162,7 +162,8 @@ def compare(study_file: Path, out_dir: Path | None, as_json: bool) -> None:
         return
     click.echo(shown.T.to_string(float_format=lambda v: f"{v:,.4g}"))
     if out_dir is not None:
-        click.echo(f"written: {out_dir}/summaries.parquet, {out_dir}/speed_distribution.png")
+        click.echo(f"written: {out_dir}/summaries.parquet, {out_dir}/metrics.png, "
+                   f"{out_dir}/speed_distribution.png")
 
 
 @main.command()
