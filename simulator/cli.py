@@ -90,7 +90,9 @@ def main() -> None:
 def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool, check: bool,
         progress: bool | None) -> None:
     """Simulate EXPERIMENT (a YAML file) and print its summary."""
-    from simulator.simulate import plan_replicas, simulate
+    from simulator.simulate import check_decode_capacity, plan_replicas, simulate
+    from simulator.workload.compile import compile_workload
+    from simulator.workload.compiled import WorkloadError
 
     try:
         exp = load_experiment(experiment)
@@ -99,7 +101,9 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
                 raise ExperimentError(f"--seed: must be >= 0 (got {seed})")
             exp = exp.model_copy(update={"seed": seed})
         plans = plan_replicas(exp)
-    except ExperimentError as exc:
+        workload = compile_workload(exp.workload, exp.seed)
+        check_decode_capacity(exp, plans, workload)
+    except (ExperimentError, WorkloadError) as exc:
         _fail(str(exc))
         return
     if not as_json:
@@ -115,7 +119,8 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
                 click.echo(f"  note: the {p.hardware} profile is not calibrated against measured "
                            "step times; step times are roofline estimates")
     try:
-        result = simulate(exp, progress=progress, check_every=10_000 if check else 0)
+        result = simulate(exp, progress=progress, workload=workload,
+                          check_every=10_000 if check else 0)
     except ExperimentError as exc:
         _fail(str(exc))
         return
