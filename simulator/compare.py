@@ -108,16 +108,15 @@ def run_study(study: Study, experiments: dict, out_dir: Path | None = None,
     return table, requests
 
 
-#: how a metric is drawn: (unit shown, scale factor) by name prefix or suffix
 _SECONDS_PREFIXES = ("ttft", "tbt", "tpot", "tbc", "e2e", "queue_time")
 
 
 def _metric_scale(metric: str) -> tuple[str, float]:
+    """How a summary metric is drawn: (unit shown, factor from the summary's unit): seconds
+    -> ms, fractions -> %, bytes -> GB."""
     if metric.startswith(_SECONDS_PREFIXES):
         return "ms", 1e3
-    if metric.endswith(("hit_rate", "error_rate")) or metric.startswith(
-        "decode_overlap"
-    ):
+    if metric.endswith(("hit_rate", "error_rate")) or metric.startswith("decode_overlap"):
         return "%", 100.0
     if metric.startswith(("output_tokens_per_s", "speed_", "tokens_per_s")):
         return "tokens/s", 1.0

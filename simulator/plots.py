@@ -443,16 +443,16 @@ def fig_lines(
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         label, scale = _metric_axis(metric)
-        for i, (name, part) in enumerate(ok.groupby(group, sort=False)):
+        for i, (value, part) in enumerate(ok.groupby(group, sort=False)):
             mean = part.groupby(x, sort=True)[metric].mean()
             ax.plot(mean.index, mean.to_numpy(dtype=float) * scale, "o-", color=f"C{i}",
-                    ms=4, label=_short(str(name)))
+                    ms=4, label=_short(str(value)))
         xlabel = _short(x)
         if x in ("load", "offered_load") and "load_unit" in ok:
             unit = str(ok["load_unit"].iloc[0]).replace("_", " ")
             per_replica = "offered_load" in ok and bool((ok["offered_load"] != ok["load"]).any())
-            name = "load per replica" if x == "load" and per_replica else x.replace("_", " ")
-            xlabel = f"{name} ({unit})"
+            what = "load per replica" if x == "load" and per_replica else x.replace("_", " ")
+            xlabel = f"{what} ({unit})"
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         if x_log:
