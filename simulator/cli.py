@@ -100,7 +100,9 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
         format_band,
         run_band,
     )
-    from simulator.simulate import plan_replicas, simulate
+    from simulator.simulate import check_decode_capacity, plan_replicas, simulate
+    from simulator.workload.compile import compile_workload
+    from simulator.workload.compiled import WorkloadError
 
     try:
         exp = load_experiment(experiment)
@@ -115,7 +117,9 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
         if band_runs:
             residuals = experiment_residuals(exp)
             check_plans(plans, residuals, exp._source)
-    except (ExperimentError, BandError) as exc:
+        workload = compile_workload(exp.workload, exp.seed)
+        check_decode_capacity(exp, plans, workload)
+    except (ExperimentError, BandError, WorkloadError) as exc:
         _fail(str(exc))
         return
     if not as_json:
@@ -131,7 +135,8 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
                 click.echo(f"  note: the {p.hardware} profile is not calibrated against measured "
                            "step times; step times are roofline estimates")
     try:
-        result = simulate(exp, progress=progress, check_every=10_000 if check else 0)
+        result = simulate(exp, progress=progress, workload=workload,
+                          check_every=10_000 if check else 0)
     except ExperimentError as exc:
         _fail(str(exc))
         return
@@ -173,7 +178,7 @@ def run(experiment: Path, out_dir: Path | None, seed: int | None, as_json: bool,
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="directory for summaries.parquet and speed_distribution.png")
+              help="directory for summaries.parquet, metrics.png and speed_distribution.png")
 @click.option("--json", "as_json", is_flag=True, help="print the table as JSON records")
 def compare(study_file: Path, out_dir: Path | None, as_json: bool) -> None:
     """Run the variants of STUDY_FILE and compare their metrics side by side."""
@@ -191,7 +196,8 @@ def compare(study_file: Path, out_dir: Path | None, as_json: bool) -> None:
         return
     click.echo(shown.T.to_string(float_format=lambda v: f"{v:,.4g}"))
     if out_dir is not None:
-        click.echo(f"written: {out_dir}/summaries.parquet, {out_dir}/speed_distribution.png")
+        click.echo(f"written: {out_dir}/summaries.parquet, {out_dir}/metrics.png, "
+                   f"{out_dir}/speed_distribution.png")
 
 
 @main.command()

@@ -12,9 +12,10 @@ A study names a base experiment and variants that override parts of it::
 
 Overrides are deep-merged into the base (mappings merge, anything else replaces). Every variant
 runs with the base's seed, so they see the same workload. The output is a table of the chosen
-summary metrics, a Parquet file of all summaries, and a figure of the per-request output-speed
-distributions with their p5/p25/p50 marked (WORKLOADS.md: speculative decoding moves the median
-right but can stretch the left tail, so say which percentile an SLO uses).
+summary metrics, a Parquet file of all summaries, a bar chart of the chosen metrics per variant
+(``metrics.png``) and a figure of the per-request output-speed distributions with their
+p5/p25/p50 marked (WORKLOADS.md: speculative decoding moves the median right but can stretch the
+left tail, so say which percentile an SLO uses).
 """
 
 from __future__ import annotations
@@ -103,7 +104,62 @@ def run_study(study: Study, experiments: dict, out_dir: Path | None = None,
         out_dir.mkdir(parents=True, exist_ok=True)
         table.to_parquet(out_dir / "summaries.parquet")
         plot_speed_distributions(requests, out_dir / "speed_distribution.png", study.name)
+        plot_metric_bars(table, study.metrics, out_dir / "metrics.png", study.name)
     return table, requests
+
+
+_SECONDS_PREFIXES = ("ttft", "tbt", "tpot", "tbc", "e2e", "queue_time")
+
+
+def _metric_scale(metric: str) -> tuple[str, float]:
+    """How a summary metric is drawn: (unit shown, factor from the summary's unit): seconds
+    -> ms, fractions -> %, bytes -> GB."""
+    if metric.startswith(_SECONDS_PREFIXES):
+        return "ms", 1e3
+    if metric.endswith(("hit_rate", "error_rate")) or metric.startswith("decode_overlap"):
+        return "%", 100.0
+    if metric.startswith(("output_tokens_per_s", "speed_", "tokens_per_s")):
+        return "tokens/s", 1.0
+    if metric == "kv_transfer_bytes":
+        return "GB", 1e-9
+    return "", 1.0
+
+
+def plot_metric_bars(table: pd.DataFrame, metrics: list[str], path: Path, title: str) -> Path:
+    """One panel per metric, one bar per variant, the value written on each bar. Latencies are
+    drawn in ms on a log axis, fractions in %, bytes in GB; NaN (not measured) leaves the bar
+    out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = min(len(metrics), 4)
+    nrow = -(-len(metrics) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.2 * nrow + 0.6), squeeze=False)
+    names = [str(v) for v in table.index]
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        unit, scale = _metric_scale(metric)
+        values = table[metric].astype(float).to_numpy() * scale
+        bars = ax.bar(range(len(names)), np.nan_to_num(values, nan=0.0), color=colors)
+        for bar, v in zip(bars, values, strict=True):
+            if np.isfinite(v):
+                text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        if unit == "ms" and np.nanmin(values) > 0:
+            ax.set_yscale("log")
+        ax.set_title(f"{metric}{f' ({unit})' if unit else ''}", fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_speed_distributions(requests: dict[str, pd.DataFrame], path: Path, title: str) -> Path:

@@ -8,7 +8,9 @@ Run figures take a :class:`RunData`, built from a :class:`~simulator.simulate.Re
 Run figures: ECDFs of TTFT, TBT, E2E and prompt tokens; TTFT vs prompt tokens; per-request
 output speed with percentile marks; decode overlap (share of decode time with >= k concurrent
 decodes); metrics over time with the stable window shaded; sessions at the GPU vs in a tool
-wait over time. Sweep: the Pareto frontier. Capacity: the search trace.
+wait over time. Sweep: the Pareto frontier and, when the sweep names a ``figure``, metrics
+against a grid axis with one line per value of another (``lines.png``). Capacity: the search
+trace.
 """
 
 from __future__ import annotations
@@ -399,6 +401,79 @@ def fig_pareto(
     return fig
 
 
+#: how the line figure shows a metric: (axis label, scale factor)
+_LINE_UNITS = {
+    "seconds": ("ms", 1e3),
+    "fraction": ("%", 100.0),
+}
+
+
+def _metric_axis(metric: str) -> tuple[str, float]:
+    from simulator.search import SLO_METRICS
+
+    kind = SLO_METRICS.get(metric)
+    if kind is None and metric.endswith("hit_rate"):
+        kind = "fraction"
+    unit, scale = _LINE_UNITS.get(kind or "", (kind or "", 1.0))
+    return f"{metric.replace('_', ' ')}{f' ({unit})' if unit else ''}", scale
+
+
+def fig_lines(
+    df: pd.DataFrame,
+    x: str,
+    metrics: list[str],
+    lines: str | None = None,
+    x_log: bool = False,
+    title: str | None = None,
+) -> Figure:
+    """Each of ``metrics`` against column ``x`` of a sweep table, one line per value of column
+    ``lines`` (``None``: per configuration), the mean over seeds; rows with an error are left
+    out. Seconds are drawn in ms (log scale), fractions (hit rates) in %."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    missing = [c for c in [x, *metrics, *([lines] if lines else [])] if c not in df]
+    if missing:
+        raise PlotError(f"lines.png: no column {missing[0]!r} in the sweep table")
+    ok = df[df["error"].fillna("") == ""] if "error" in df else df
+    if ok.empty:
+        raise PlotError("lines.png: every run of the sweep failed")
+    group = lines or "config"
+    ncol = 2 if len(metrics) == 4 else min(len(metrics), 3)
+    nrow = -(-len(metrics) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        label, scale = _metric_axis(metric)
+        for i, (value, part) in enumerate(ok.groupby(group, sort=False)):
+            mean = part.groupby(x, sort=True)[metric].mean()
+            ax.plot(mean.index, mean.to_numpy(dtype=float) * scale, "o-", color=f"C{i}",
+                    ms=4, label=_short(str(value)))
+        xlabel = _short(x)
+        if x in ("load", "offered_load") and "load_unit" in ok:
+            unit = str(ok["load_unit"].iloc[0]).replace("_", " ")
+            per_replica = "offered_load" in ok and bool((ok["offered_load"] != ok["load"]).any())
+            what = "load per replica" if x == "load" and per_replica else x.replace("_", " ")
+            xlabel = f"{what} ({unit})"
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        if x_log:
+            ax.set_xscale("log", base=2)
+            ticks = sorted(ok[x].unique())
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        if metric.startswith(("ttft", "tbt", "tpot", "e2e", "queue_time")):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8, title=_short(group))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def fig_capacity_trace(cap: dict) -> Figure:
     """Probe loads against their worst SLO ratio (metric / limit; > 1 violates)."""
     from simulator.search import SLO
@@ -480,6 +555,14 @@ def plot_directory(d: str | Path, out_dir: str | Path) -> tuple[list[Path], list
         y = meta.get("frontier", {}).get("y", "output_tokens_per_s_per_gpu")
         front = pareto_frontier(df, x, y, healthy_only="healthy" in df)
         written.append(save(fig_pareto(df, front, x, y), out_dir / "pareto.png"))
+        spec = meta.get("figure")
+        if spec:
+            try:
+                fig = fig_lines(df, spec["x"], spec["metrics"], spec.get("lines"),
+                                spec.get("x_log", False), spec.get("title") or meta.get("name"))
+                written.append(save(fig, out_dir / "lines.png"))
+            except PlotError as exc:
+                skipped.append(str(exc))
         files = (
             sorted((d / "requests").glob("point_*.parquet")) if (d / "requests").is_dir() else []
         )

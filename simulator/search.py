@@ -616,6 +616,11 @@ def decode_overlap_shares(decode_seconds_by_count: np.ndarray) -> dict[str, floa
     return out
 
 
+#: whole-run counters a sweep row carries as ``run_<name>`` (the tier and retention at work)
+RUN_COUNTERS = ("num_evicted_blocks", "num_host_loads", "num_prefetches", "num_pins",
+                "num_pins_broken")
+
+
 def evaluate_point(task: PointTask) -> dict:
     """Simulate one point; returns its stable-window summary (or ``error`` for a bad config)."""
     import warnings
@@ -635,6 +640,9 @@ def evaluate_point(task: PointTask) -> dict:
         return {"error": str(exc).splitlines()[0]}
     s["wall_seconds"] = result.wall_seconds
     s["run_num_requests"] = int(len(result.requests))
+    whole = result.summary()
+    for key in RUN_COUNTERS:
+        s[f"run_{key}"] = whole.get(key, 0)
     s |= decode_overlap_shares(result.decode_seconds_by_count)
     if task.keep_requests:
         s["requests"] = result.requests

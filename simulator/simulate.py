@@ -212,6 +212,13 @@ def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
             except ValueError as exc:
                 raise ExperimentError(f"{where}: {exc}") from None
             num_blocks = eng.num_gpu_blocks_override or cap.num_blocks
+            capacity_text = cap.describe()
+            if eng.num_gpu_blocks_override:
+                capacity_text = (
+                    f"KV cache: {num_blocks:,} blocks x {eng.block_size} tokens = "
+                    f"{num_blocks * eng.block_size:,} tokens (engine.num_gpu_blocks_override; "
+                    f"memory would allow {cap.num_blocks:,} blocks)"
+                )
             kv_bytes_per_token = model.kv_bytes_per_token(eng.kv_dtype)
             host_blocks = 0
             h2d = 0.0
@@ -236,7 +243,7 @@ def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
                 max_model_len=eng.max_model_len or DEFAULT_MAX_MODEL_LEN,
                 enable_prefix_caching=eng.enable_prefix_caching,
                 state_blocks_per_seq=int(state_blocks), cost_params=params,
-                capacity_text=cap.describe(), calibrated=hw.calibrated,
+                capacity_text=capacity_text, calibrated=hw.calibrated,
                 speculative=spec, draft_params=draft_params,
                 kv_bytes_per_token=kv_bytes_per_token,
                 host_blocks=host_blocks, h2d_bytes_per_s=h2d,
@@ -252,6 +259,45 @@ def _plan_replicas(exp: Experiment) -> list[ReplicaPlan]:
             f"cluster.replicas: all replicas must use one block_size (got {sorted(block_sizes)})"
         )
     return plans
+
+
+def check_decode_capacity(exp: Experiment, plans: list[ReplicaPlan], wl: CompiledWorkload) -> None:
+    """Raise ExperimentError when a decode replica's KV cache can never hold the longest prompt
+    it may be sent (disaggregated clusters only).
+
+    A decode replica allocates blocks for the whole transferred prompt before the KV moves, so a
+    prompt longer than its cache (``num_blocks x block_size`` tokens, less the per-sequence
+    state blocks) could only ever be rejected there. Prompts that never leave a prefill replica
+    (one output token) or that exceed the replica's ``max_model_len`` (rejected for that reason)
+    are left out. The message names the replica group, its capacity and the prompt (tokens).
+    """
+    decode = [p for p in plans if p.role == "decode"]
+    if not decode or wl.num_requests == 0:
+        return
+    group_of: list[int] = []
+    for gi, group in enumerate(exp.cluster.replicas):
+        group_of += [gi] * group.count
+    prompts = np.asarray(wl.req_prompt_tokens, dtype=np.int64)
+    outputs = np.asarray(wl.req_output_tokens, dtype=np.int64)
+    seen: set[int] = set()
+    for plan in decode:
+        gi = group_of[plan.index]
+        if gi in seen:
+            continue
+        seen.add(gi)
+        sent = (outputs > 1) & (prompts + outputs <= plan.max_model_len)
+        if not sent.any():
+            continue
+        longest = int(np.argmax(np.where(sent, prompts, -1)))
+        need = -(-int(prompts[longest]) // plan.block_size) + plan.state_blocks_per_seq
+        if need > plan.num_blocks:
+            raise ExperimentError(
+                f"{exp._source}: cluster.replicas[{gi}] (role decode): its KV cache "
+                f"({plan.num_blocks:,} blocks x {plan.block_size} tokens = "
+                f"{plan.num_blocks * plan.block_size:,} tokens) can never hold the longest "
+                f"transferred prompt ({int(prompts[longest]):,} tokens, request {longest}, "
+                f"{need:,} blocks); give the decode pool more KV memory or shorten the prompts"
+            )
 
 
 @dataclass
@@ -331,6 +377,7 @@ def simulate(
     if workload is None:
         workload = compile_workload(exp.workload, exp.seed if seed is None else seed)
     wl = workload
+    check_decode_capacity(exp, plans, wl)
     n_rep = len(plans)
     kv = make_kv_state(
         wl.node_start_tokens, wl.node_num_tokens, plans[0].block_size,

@@ -395,6 +395,8 @@ def window_summary(
     s["concurrent_sessions"] = _mean_active_sessions(requests, start, end)
     sched = req[req["scheduled_time"].notna()]
     prompt = float(sched["prompt_tokens"].sum())
+    # prompt tokens served from the host tier (copied back over PCIe): part of the cached ones
+    host = float(sched["host_cached_tokens"].sum()) if "host_cached_tokens" in sched else 0.0
     tput = tokens / duration
     s |= {
         "output_tokens_per_s": tput,
@@ -402,6 +404,9 @@ def window_summary(
         "tokens_per_s_per_user": s["speed_p50"],
         "requests_per_s": n_arr / duration,
         "prefix_cache_hit_rate": float(sched["cached_tokens"].sum()) / prompt if prompt else 0.0,
+        "host_cache_hit_rate": host / prompt if prompt else 0.0,
+        "gpu_cache_hit_rate": (float(sched["cached_tokens"].sum()) - host) / prompt
+        if prompt else 0.0,
         "num_preemptions": int(req["preemptions"].sum()) if "preemptions" in req else 0,
         "num_gpus": int(num_gpus),
     }

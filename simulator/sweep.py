@@ -16,7 +16,14 @@ judged on its stable window (:mod:`simulator.steady`)::
     seeds: [0]                         # default: the experiment's seed
     slos: [ttft_p95 <= 0.75 s, tbt_p95 <= 75 ms]   # optional: adds 'healthy'
     frontier: {x: tokens_per_s_per_user, y: output_tokens_per_s_per_gpu, healthy_only: true}
+    figure: {x: engine.tp, lines: engine.weight_dtype, metrics: [ttft_p95, tbt_p95]}  # optional
     outputs: {dir: runs/pareto-chat}
+
+``loads.per_replica: true`` makes every load value a load *per replica*: a configuration with
+``n`` replicas (all groups, all roles) runs at ``n x value``, so fleets of different sizes see the
+same load per replica (``offered_load`` in the table is the load applied to the whole fleet).
+``figure`` draws ``lines.png``: one panel per metric against a grid axis (or ``load``), one line
+per value of another axis (mean over seeds).
 
 Output (``outputs.dir``): ``sweep.parquet`` (one row per point: the grid values, ``config`` (its
 label), ``load``, ``seed``, ``num_gpus``, ``error`` for an impossible configuration, ``healthy``
@@ -43,6 +50,9 @@ from pydantic import Field, field_validator, model_validator
 
 from simulator.config import Experiment, ExperimentError
 from simulator.search import (
+    OVERLAP_KS,
+    RUN_COUNTERS,
+    SLO_METRICS,
     GridAxis,
     LoadError,
     LoadUnit,
@@ -70,6 +80,9 @@ class LoadAxis(_Model):
     num: int | None = Field(None, ge=1, le=10_000)
     spacing: Literal["log", "linear"] = "log"
     duration_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    per_replica: bool = Field(
+        False, description="values are per replica: a point with n replicas runs at n x value"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LoadAxis:
@@ -102,6 +115,34 @@ class FrontierSpec(_Model):
     healthy_only: bool = True
 
 
+#: columns of the sweep table a figure may draw besides the SLO metrics
+TABLE_METRICS = set(SLO_METRICS) | {
+    "gpu_cache_hit_rate", "host_cache_hit_rate", "concurrent_sessions", "num_preemptions",
+    "mean_concurrent_decodes", "num_gpus", "wall_seconds", "run_num_requests",
+} | {f"decode_overlap_ge{k}" for k in OVERLAP_KS} | {f"run_{k}" for k in RUN_COUNTERS}
+
+
+class LinesFigure(_Model):
+    """``lines.png``: each metric against ``x`` (a grid axis or ``load``), one line per value of
+    ``lines`` (a grid axis; omitted: one line per configuration), means over seeds."""
+
+    x: str
+    lines: str | None = None
+    metrics: list[str] = Field(min_length=1, max_length=12)
+    x_log: bool = Field(False, description="logarithmic x axis")
+    title: str | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in TABLE_METRICS]
+        if unknown:
+            raise ValueError(
+                f"unknown metric {unknown[0]!r}; known: {', '.join(sorted(TABLE_METRICS))}"
+            )
+        return v
+
+
 class SweepOutputs(_Model):
     dir: str | None = None
     save_requests: bool = Field(False, description="write each point's requests table")
@@ -118,6 +159,7 @@ class SweepStudy(_Model):
     slos: list[SLOItem] = Field(default_factory=list)
     steady_state: bool = True
     frontier: FrontierSpec = Field(default_factory=FrontierSpec)
+    figure: LinesFigure | None = None
     outputs: SweepOutputs = Field(default_factory=lambda: SweepOutputs())
 
     @field_validator("grid")
@@ -135,6 +177,15 @@ def load_sweep(path: str | Path) -> tuple[SweepStudy, Experiment]:
     study = validate_study(SweepStudy, data, str(path))
     if not study.grid and study.loads is None:
         raise StudyError(f"{path}: grid: empty sweep grid (give grid axes or loads)")
+    if study.figure is not None:
+        axes = set(study.grid) | {"load", "offered_load"}
+        for field_name in ("x", "lines"):
+            value = getattr(study.figure, field_name)
+            if value is not None and value not in axes:
+                raise StudyError(
+                    f"{path}: figure.{field_name}: {value!r} is not a grid axis or 'load' "
+                    f"(axes: {', '.join(sorted(axes))})"
+                )
     exp = resolve_experiment(study.experiment, path.parent, str(path))
     try:
         exp = apply_overrides(exp, study.set, f"{path}: set", path.parent)
@@ -148,6 +199,11 @@ def load_sweep(path: str | Path) -> tuple[SweepStudy, Experiment]:
     return study, exp
 
 
+def num_replicas(exp: Experiment) -> int:
+    """Replicas of an experiment's cluster, every group and role counted."""
+    return sum(group.count for group in exp.cluster.replicas)
+
+
 def sweep_tasks(
     study: SweepStudy, exp: Experiment, source: str = "<sweep>", base: Path | None = None
 ) -> tuple[list[dict], list[PointTask | None]]:
@@ -158,6 +214,7 @@ def sweep_tasks(
     unit = study.loads.unit if study.loads is not None else "rate"
     duration = study.loads.duration_s if study.loads is not None else None
     keep = study.outputs.save_requests
+    per_replica = study.loads is not None and study.loads.per_replica
     meta, tasks = [], []
     for cid, point in enumerate(grid_points(study.grid)):
         error = ""
@@ -166,6 +223,9 @@ def sweep_tasks(
         except (ExperimentError, StudyError) as exc:
             cexp, error = None, str(exc).splitlines()[0]
         for load in loads:
+            offered = load
+            if per_replica and cexp is not None and load is not None:
+                offered = load * num_replicas(cexp)
             for seed in seeds:
                 meta.append(
                     {
@@ -173,6 +233,7 @@ def sweep_tasks(
                         "config": point.label,
                         **point.names,
                         "load": load,
+                        "offered_load": offered,
                         "load_unit": unit,
                         "seed": seed,
                         "error": error,
@@ -181,7 +242,7 @@ def sweep_tasks(
                 tasks.append(
                     None
                     if cexp is None
-                    else PointTask(cexp, load, unit, duration, seed, study.steady_state, keep)
+                    else PointTask(cexp, offered, unit, duration, seed, study.steady_state, keep)
                 )
     return meta, tasks
 
@@ -277,6 +338,7 @@ def write_sweep(
         "configs": int(df["config_id"].nunique()),
         "errors": int((df["error"] != "").sum()),
         "wall_seconds": wall_seconds,
+        "figure": study.figure.model_dump() if study.figure is not None else None,
         "frontier": {
             "x": x,
             "y": y,

@@ -126,3 +126,40 @@ def test_zero_bandwidth_link_is_rejected():
                           "cluster": {"replicas": [{"role": "prefill"}, {"role": "decode"}],
                                       "disaggregation": {"link": {"bandwidth_gb_per_s": 0}}}},
                          "test.yaml")
+
+
+def _decode_groups(*decode_blocks, max_model_len=None):
+    engine = {"num_gpu_blocks_override": 400}
+    if max_model_len:
+        engine["max_model_len"] = max_model_len
+    return [{"count": 1, "role": "prefill", "engine": engine}] + [
+        {"count": 1, "role": "decode", "engine": {**engine, "num_gpu_blocks_override": n}}
+        for n in decode_blocks
+    ]
+
+
+def _cluster_exp(groups, workload):
+    return parse_experiment({"model": "llama-3.1-8b", "hardware": "h100-sxm", "workload": workload,
+                             "cluster": {"replicas": groups}}, "pd.yaml")
+
+
+def test_decode_replica_that_can_never_hold_the_prompt_is_an_error_before_the_run():
+    # group 1 holds 200 blocks = 3,200 tokens, group 2 only 40 blocks = 640 tokens
+    exp = _cluster_exp(_decode_groups(200, 40), _single(1000, 8))
+    with pytest.raises(ExperimentError, match=r"^pd.yaml: cluster.replicas\[2\] \(role decode\): "
+                       r"its KV cache \(40 blocks x 16 tokens = 640 tokens\) can never hold the "
+                       r"longest transferred prompt \(1,000 tokens, request 0, 63 blocks\)"):
+        simulate(exp, progress=False)
+    # both decode groups large enough: it runs
+    r = simulate(_cluster_exp(_decode_groups(200, 63), _single(1000, 8)), progress=False)
+    assert (r.requests["status"] == "finished").all()
+
+
+def test_prompts_that_are_never_transferred_do_not_count():
+    # one output token: the prefill replica answers alone
+    r = simulate(_cluster_exp(_decode_groups(4), _single(1000, 1)), progress=False)
+    assert (r.requests["status"] == "finished").all()
+    # beyond max_model_len: rejected for that reason, not a capacity error
+    r = simulate(_cluster_exp(_decode_groups(4, max_model_len=512), _single(1000, 8)),
+                 progress=False)
+    assert list(r.requests["reject_reason"].str.contains("max_model_len")) == [True]

@@ -98,6 +98,19 @@ EXPERIMENTS: dict[str, dict] = {
     "missing_model.yaml": {"error": ["model"]},
     "workload_file_missing.yaml": {"error": ["workload", "no_such_workload.yaml"]},
     "unknown_router.yaml": {"error": ["cluster.router", "telepathy"]},
+    # the cluster (issue 5, "Bad input")
+    "unknown_retention_policy.yaml": {"error": ["engine.retention.policy", "forever"]},
+    "pd_no_decode_pool.yaml": {"error": ["cluster", "replicas", "no decode replicas"]},
+    "pd_decode_pool_zero_count.yaml": {"error": ["cluster.replicas.1.count", "0"]},
+    "zero_link_bandwidth.yaml": {
+        "error": ["cluster.disaggregation.link.bandwidth_gb_per_s", "0"]
+    },
+    "host_tier_below_one_block.yaml": {
+        "error": ["cluster.replicas[0]", "engine.kv_host_tier.capacity_gb = 0.001", "one KV block"]
+    },
+    "decode_pool_cannot_hold_prompt.yaml": {
+        "error": ["cluster.replicas[1] (role decode)", "64 tokens", "200 tokens"]
+    },
     # found while resolving replicas (after loading)
     "unknown_model.yaml": {"error": ["model", "no-such-model-70b"]},
     "unknown_hardware.yaml": {"error": ["hardware", "tpu-v9"]},

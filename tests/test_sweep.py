@@ -159,3 +159,52 @@ def test_cli_sweep_bad_file(tmp_path):
     assert res.exit_code == 2 and "empty sweep grid" in res.stderr
     res = CliRunner().invoke(main, ["sweep", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and "file not found" in res.stderr
+
+
+PER_REPLICA = """\
+grid:
+  replicas: [1, 2]
+  router: [round_robin, least_outstanding]
+loads: {unit: rate, values: [4], duration_s: 10, per_replica: true}
+figure: {x: replicas, lines: router, metrics: [ttft_p95, prefix_cache_hit_rate], x_log: true}
+steady_state: false
+"""
+
+
+def test_per_replica_load_scales_with_the_fleet_and_draws_lines(tmp_path):
+    study, exp = load_sweep(write(tmp_path, BASE + PER_REPLICA))
+    with TaskRunner(workers=1, progress=False) as runner:
+        df = run_sweep(study, exp, runner)
+    assert list(df["load"]) == [4.0] * 4
+    assert list(df["offered_load"]) == [4.0, 4.0, 8.0, 8.0]
+    # arrivals span 10 s at every point: twice the replicas, twice the requests
+    assert list(df["run_num_requests"]) == [40, 40, 80, 80]
+    assert {"gpu_cache_hit_rate", "host_cache_hit_rate", "run_num_host_loads",
+            "run_num_prefetches", "run_num_pins_broken"} <= set(df.columns)
+    out = tmp_path / "out"
+    from simulator.sweep import write_sweep
+
+    figures = write_sweep(df, pareto_frontier(df), study, out, 1.0)
+    assert out / "plots" / "lines.png" in figures
+    assert json.loads((out / "sweep.json").read_text())["figure"]["lines"] == "router"
+
+
+def test_without_per_replica_the_load_is_the_fleets(tmp_path):
+    study, exp = load_sweep(write(tmp_path, BASE + PER_REPLICA.replace(", per_replica: true", "")))
+    with TaskRunner(workers=1, progress=False) as runner:
+        df = run_sweep(study, exp, runner)
+    assert list(df["offered_load"]) == [4.0] * 4
+    assert list(df["run_num_requests"]) == [40] * 4
+
+
+@pytest.mark.parametrize(
+    "figure,needle",
+    [("{x: tp, metrics: [ttft_p95]}", r"figure.x: 'tp' is not a grid axis"),
+     ("{x: replicas, lines: gpu, metrics: [ttft_p95]}", r"figure.lines: 'gpu' is not a grid"),
+     ("{x: replicas, metrics: [ttft_p97]}", r"figure.metrics.*unknown metric 'ttft_p97'"),
+     ("{x: replicas, metrics: []}", r"figure.metrics")],
+)
+def test_bad_figure_is_named(tmp_path, figure, needle):
+    text = BASE + "grid: {replicas: [1, 2]}\nfigure: " + figure + "\n"
+    with pytest.raises(StudyError, match=needle):
+        load_sweep(write(tmp_path, text))
