@@ -207,26 +207,92 @@ def schema() -> None:
 
 
 @main.command()
-@click.option("--requests", "num_requests", type=click.IntRange(min=1000), default=100_000,
-              show_default=True, help="requests in the benchmark workload")
+@click.option("--requests", "num_requests", type=click.IntRange(min=1000), default=None,
+              help="requests in the benchmark workload [default: 100,000; --cluster 1,000,000; "
+                   "--soak 10,000,000]")
+@click.option("--cluster", is_flag=True,
+              help="agentic sessions on 16 replicas with KV-aware routing, plus scaling checks")
+@click.option("--soak", is_flag=True,
+              help="10M requests through 1 and 16 replicas: rate and memory over the run")
+@click.option("--no-scaling", is_flag=True, help="--cluster: skip the two scaling runs")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench(num_requests: int, as_json: bool) -> None:
-    """Measure simulator speed on a standard chat workload (1 H100, Llama-3.1-8B)."""
-    from simulator.bench import run_bench
+def bench(num_requests: int | None, cluster: bool, soak: bool, no_scaling: bool,
+          as_json: bool) -> None:
+    """Measure simulator speed (default: a chat workload on 1 H100 with Llama-3.1-8B)."""
+    from simulator import bench as b
 
-    report = run_bench(num_requests)
-    if as_json:
-        click.echo(json.dumps(report))
+    if cluster and soak:
+        _fail("bench: --cluster and --soak are separate benchmarks; pick one")
         return
-    click.echo(f"workload: {report['workload']}")
+    if cluster:
+        report = b.run_cluster_bench(num_requests or 1_000_000, scaling=not no_scaling)
+    elif soak:
+        report = b.run_soak(num_requests or b.SOAK_REQUESTS)
+    else:
+        report = b.run_bench(num_requests or 100_000)
+    if as_json:
+        click.echo(json.dumps(report, default=float))
+        return
     click.echo(f"JIT compile/load: {report['compile_seconds']:.2f} s "
                f"({'cache hit' if report['compile_seconds'] < 5 else 'cold'})")
+    if cluster:
+        _print_cluster_bench(report)
+        return
+    if soak:
+        _print_soak(report)
+        return
+    click.echo(f"workload: {report['workload']}")
     click.echo(f"simulation: {report['num_requests']:,} requests in {report['wall_seconds']:.2f} "
                f"s wall = {report['requests_per_wall_second']:,.0f} simulated requests/s")
     click.echo(f"simulated: {report['simulated_seconds']:.0f} s, "
                f"{report['output_tokens_per_s']:,.0f} output tok/s, "
                f"TTFT p50 {_fmt_seconds(report['ttft_p50'])}, peak KV {report['peak_kv_usage']:.0%}")
     click.echo(f"peak memory (RSS): {report['peak_rss_mib']:.0f} MiB")
+
+
+def _print_cluster_bench(report: dict) -> None:
+    click.echo(f"workload: {report['workload']}")
+    for r in report["runs"]:
+        click.echo(
+            f"{r['label']}: {r['num_requests']:,} requests (prompts mean "
+            f"{r['mean_prompt_tokens']:,.0f}, max {r['max_prompt_tokens']:,} tokens), "
+            f"{r['num_events']:,} events ({r['events_per_request']:.1f}/request)\n"
+            f"  wall {r['wall_seconds']:.1f} s (event core {r['loop_seconds']:.1f} s) = "
+            f"{r['requests_per_wall_second']:,.0f} simulated requests/s; core: "
+            f"{r['loop_us_per_request']:.1f} us/request, {r['loop_us_per_event']:.2f} us/event\n"
+            f"  simulated {r['simulated_seconds']:,.0f} s: TTFT p50 {_fmt_seconds(r['ttft_p50'])}"
+            f", p95 {_fmt_seconds(r['ttft_p95'])}, prefix hit rate "
+            f"{r['prefix_cache_hit_rate']:.1%}, {r['num_preemptions']:,} preemptions; "
+            f"peak RSS so far {r['peak_rss_mib']:,.0f} MiB")
+    runs = {r["label"]: r for r in report["runs"]}
+    if len(runs) == 3:
+        main, quarter = runs["main"], runs["quarter requests"]
+        short = runs["quarter requests, contexts / 4"]
+        click.echo(
+            f"linear in requests: {quarter['num_requests']:,} -> {main['num_requests']:,} "
+            f"requests: core us/request {quarter['loop_us_per_request']:.1f} -> "
+            f"{main['loop_us_per_request']:.1f} (x{main['loop_us_per_request'] / quarter['loop_us_per_request']:.2f})")
+        click.echo(
+            f"flat in context length: mean prompt {short['mean_prompt_tokens']:,.0f} -> "
+            f"{quarter['mean_prompt_tokens']:,.0f} tokens: core us/event "
+            f"{short['loop_us_per_event']:.2f} -> {quarter['loop_us_per_event']:.2f} "
+            f"(x{quarter['loop_us_per_event'] / short['loop_us_per_event']:.2f}); events are "
+            "engine steps and arrivals, and a step's work depends on its batch, not on contexts")
+
+
+def _print_soak(report: dict) -> None:
+    for r in report["runs"]:
+        click.echo(
+            f"{r['label']}: {r['num_requests']:,} requests, {r['num_finished']:,} finished, "
+            f"{r['num_rejected']:,} rejected, {r['num_unfinished']:,} unfinished "
+            f"({'nothing lost' if r['all_accounted_for'] else 'REQUESTS LOST'}), "
+            f"{r['num_events']:,} events\n"
+            f"  wall {r['wall_seconds']:.0f} s (event core {r['loop_seconds']:.0f} s); "
+            f"requests/s in the first 10 % {r['rate_first_10pct']:,.0f}, in the last 10 % "
+            f"{r['rate_last_10pct']:,.0f} (x{r['rate_ratio_last_to_first']:.2f})\n"
+            f"  memory: RSS {r['rss_before_mib']:,.0f} MiB before, {r['rss_at_10pct_mib']:,.0f} "
+            f"MiB at 10 %, {r['rss_at_end_of_core_mib']:,.0f} MiB when the core ends; "
+            f"peak {r['peak_rss_mib']:,.0f} MiB")
 
 
 main.add_command(step_command, name="step")

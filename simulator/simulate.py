@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,6 +322,7 @@ class Result:
     decode_seconds_by_count: np.ndarray = field(
         repr=False, default_factory=lambda: np.zeros((0, 0))
     )  # [replica, k]: seconds of steps with exactly k decoding sequences
+    loop_seconds: float = 0.0  # wall seconds inside the event core (part of wall_seconds)
 
     @property
     def sessions(self) -> pd.DataFrame:
@@ -361,6 +363,7 @@ def simulate(
     exp: Experiment, seed: int | None = None, progress: bool | None = None,
     workload: CompiledWorkload | None = None, check_every: int = 0,
     plans: list[ReplicaPlan] | None = None,
+    on_chunk: Callable[[int, int], None] | None = None, pause_every: int = 200_000,
 ) -> Result:
     """Run one experiment to completion and return its :class:`Result`.
 
@@ -370,6 +373,9 @@ def simulate(
     KV-block conservation (:func:`simulator.invariants.check_kv`), raising
     :class:`simulator.invariants.InvariantError` at the first violation. ``plans`` replaces
     :func:`plan_replicas`'s (prediction bands pass plans with perturbed cost parameters).
+    ``on_chunk(requests_done, events)`` is called each time the core pauses (every
+    ``pause_every`` events, or ``check_every``): benchmarks use it to follow the rate and memory
+    over a run.
     """
     t0 = time.perf_counter()
     if plans is None:
@@ -457,10 +463,15 @@ def simulate(
     if not init_events(q, wl, heap, router.staleness_s):
         raise RuntimeError("event heap overflow while queueing arrivals")
     bar = ProgressBar(wl.num_requests, f"simulating {exp.name}", enabled=progress)
-    chunk = check_every if check_every > 0 else 200_000
+    chunk = check_every if check_every > 0 else max(int(pause_every), 1)
+    loop_seconds = 0.0
     while True:
+        t_loop = time.perf_counter()
         status = run_events(kv, q, p, wl, g, heap, chunk)
+        loop_seconds += time.perf_counter() - t_loop
         bar.update(int(g.gi[G_NUM_DONE]))
+        if on_chunk is not None:
+            on_chunk(int(g.gi[G_NUM_DONE]), int(g.gi[G_NUM_EVENTS]))
         if check_every > 0:
             problems = check_kv(kv, q)
             if problems:
@@ -559,4 +570,5 @@ def simulate(
         steps=steps, steps_dropped=int(g.gi[G_STEP_DROPPED]),
         window_seconds=out.window_seconds, gap_hist_windows=g.gap_hist_win.copy(),
         decode_seconds_by_count=p.decode_seconds_by_count.copy(),
+        loop_seconds=loop_seconds,
     )
