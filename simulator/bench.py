@@ -183,40 +183,49 @@ def run_cluster_bench(num_requests: int = 1_000_000, scaling: bool = True,
     }
 
 
-def _rate_between(samples: list[tuple[float, int, float]], lo: float, hi: float) -> float:
-    """Requests finished per wall second between the first samples at or past fractions ``lo``
-    and ``hi`` of the run's requests (``samples``: (wall s, requests done, RSS MiB))."""
+def _rates_between(samples: list[tuple[float, int, int, float]], lo: float,
+                   hi: float) -> tuple[float, float]:
+    """(requests, events) finished per wall second between the first samples at or past
+    fractions ``lo`` and ``hi`` of the run's requests. ``samples``: (wall s, requests done,
+    events, RSS MiB) at each pause of the core."""
     total = samples[-1][1]
 
-    def at(frac: float) -> tuple[float, int]:
-        for t, done, _ in samples:
+    def at(frac: float) -> tuple[float, int, int]:
+        for t, done, events, _ in samples:
             if done >= frac * total:
-                return t, done
-        return samples[-1][0], samples[-1][1]
+                return t, done, events
+        return samples[-1][0], samples[-1][1], samples[-1][2]
 
-    t0, d0 = at(lo)
-    t1, d1 = at(hi)
-    return (d1 - d0) / (t1 - t0) if t1 > t0 else math.nan
+    t0, d0, e0 = at(lo)
+    t1, d1, e1 = at(hi)
+    if t1 <= t0:
+        return math.nan, math.nan
+    return (d1 - d0) / (t1 - t0), (e1 - e0) / (t1 - t0)
 
 
 def soak_one(exp: Experiment, label: str, progress: bool | None = None,
              pause_every: int = 200_000) -> dict:
-    """Run ``exp`` once, sampling the finished-request count and the memory at every pause of
-    the core (every ``pause_every`` events)."""
+    """Run ``exp`` once, sampling the finished-request count, the event count and the memory
+    at every pause of the core (every ``pause_every`` events).
+
+    The request rate of the last 10 % of requests includes the drain (the last sessions finish
+    on an emptying fleet, in small batches: more steps per request); the event rate is the
+    simulator's own speed and should stay flat.
+    """
     from simulator.simulate import simulate
 
-    samples: list[tuple[float, int, float]] = []
+    samples: list[tuple[float, int, int, float]] = []
     t_start = time.perf_counter()
     rss_before = _current_rss_mib()
 
     def on_chunk(done: int, events: int) -> None:
-        samples.append((time.perf_counter() - t_start, done, _current_rss_mib()))
+        samples.append((time.perf_counter() - t_start, done, events, _current_rss_mib()))
 
     result = simulate(exp, progress=progress, on_chunk=on_chunk, pause_every=pause_every)
     s = result.summary()
-    first = _rate_between(samples, 0.0, 0.1)
-    last = _rate_between(samples, 0.9, 1.0)
-    rss_during = [r for _, done, r in samples if done >= 0.1 * samples[-1][1]]
+    first_req, first_ev = _rates_between(samples, 0.0, 0.1)
+    last_req, last_ev = _rates_between(samples, 0.9, 1.0)
+    rss_during = [r for _, done, _, r in samples if done >= 0.1 * samples[-1][1]]
     return {
         "label": label,
         "num_requests": len(result.requests),
@@ -229,12 +238,15 @@ def soak_one(exp: Experiment, label: str, progress: bool | None = None,
         "num_events": result.num_events,
         "wall_seconds": result.wall_seconds,
         "loop_seconds": result.loop_seconds,
-        "rate_first_10pct": first,
-        "rate_last_10pct": last,
-        "rate_ratio_last_to_first": last / first if first else math.nan,
+        "rate_first_10pct": first_req,
+        "rate_last_10pct": last_req,
+        "rate_ratio_last_to_first": last_req / first_req if first_req else math.nan,
+        "event_rate_first_10pct": first_ev,
+        "event_rate_last_10pct": last_ev,
+        "event_rate_ratio_last_to_first": last_ev / first_ev if first_ev else math.nan,
         "rss_before_mib": rss_before,
         "rss_at_10pct_mib": rss_during[0] if rss_during else math.nan,
-        "rss_at_end_of_core_mib": samples[-1][2],
+        "rss_at_end_of_core_mib": samples[-1][3],
         "peak_rss_mib": _peak_rss_mib(),
         "ttft_p50": s["ttft_p50"],
     }

@@ -73,6 +73,7 @@ def test_soak_follows_rate_and_memory():
     assert out["all_accounted_for"]
     assert out["num_finished"] + out["num_rejected"] == 30_000
     assert out["rate_first_10pct"] > 0 and out["rate_last_10pct"] > 0
+    assert out["event_rate_first_10pct"] > out["rate_first_10pct"]
     assert out["rss_at_10pct_mib"] > 0
     assert out["num_events"] > 30_000
 

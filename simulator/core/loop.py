@@ -711,9 +711,9 @@ def _start_transfers(kv, q, p, wl, heap, rep, now):
         if caching and prompt // bs > rqi[r, RQ_COMMITTED]:
             _advance(kv, rqi, p.running, n_run, path_nodes, wl.req_path_start, rep, r,
                      prompt // bs, True)
-        _unpin_parents(kv, rqi, rpi, p.running, wl, r)
         p.running[rep, n_run] = r
         rpi[rep, RP_N_RUNNING] = n_run + 1
+        _unpin_parents(kv, rqi, rpi, p.running, wl, r)
         rpi[rep, RP_N_HELD] += 1
         nbytes = (prompt - hits * bs) * rpf[rep, RP_KV_BYTES_TOKEN]
         start = now if now > rpf[rep, RP_LINK_FREE_AT] else rpf[rep, RP_LINK_FREE_AT]
@@ -914,14 +914,16 @@ def _schedule(kv, q, p, wl, g, heap, rep, now):
                 fifo_pop(kv, rep, take)
             rqi[r, RQ_PRIVATE] += take
             rqi[r, RQ_TABLE_LEN] = hits + new_blocks
+            running[rep, n_run] = r
+            rpi[rep, RP_N_RUNNING] = n_run + 1
             first = rqi[r, RQ_CACHED] < 0
             if first:
                 rqi[r, RQ_CACHED] = computed
                 q.rqf[r, RQ_FIRST_SCHED] = now
                 if rqi[r, RQ_DECODE_REPLICA] < 0:
+                    # after r is listed as running: the parents' released extents are rescanned
+                    # against the running requests, r among them
                     _unpin_parents(kv, rqi, rpi, p.running, wl, r)
-            running[rep, n_run] = r
-            rpi[rep, RP_N_RUNNING] = n_run + 1
             if loading:
                 rqi[r, RQ_STATUS] = ST_LOADING
                 rqi[r, RQ_COMPUTED] = computed
