@@ -54,6 +54,7 @@ from simulator.costmodel import (
 )
 from simulator.executor import TaskRunner
 from simulator.hardware import HardwareProfile, load_hardware
+from simulator.metrics import fmt_seconds
 
 __all__ = [
     "BAND_METRICS",
@@ -302,15 +303,9 @@ def run_band(
 
 
 def _fmt(x: float, unit: str) -> str:
-    if not math.isfinite(x):
-        return "-"
-    if unit == "tokens/s":
+    if unit == "tokens/s" and math.isfinite(x):
         return f"{x:,.0f}"
-    if x < 1e-3:
-        return f"{x * 1e6:.0f} us"
-    if x < 1.0:
-        return f"{x * 1e3:.1f} ms"
-    return f"{x:.2f} s"
+    return fmt_seconds(x)
 
 
 def format_band(band: dict) -> str:

@@ -7,7 +7,6 @@ prints one line naming the problem and exits with code 2, never a traceback.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,21 +17,12 @@ from simulator.cli_calibrate import calibrate_command, validate_steps_command
 from simulator.cli_step import step_command
 from simulator.cli_workload import workload_group
 from simulator.config import ExperimentError, experiment_json_schema, load_experiment
+from simulator.metrics import fmt_seconds
 
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
-
-
-def _fmt_seconds(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if x < 1e-3:
-        return f"{x * 1e6:.0f} us"
-    if x < 1.0:
-        return f"{x * 1e3:.1f} ms"
-    return f"{x:.2f} s"
 
 
 def print_summary(s: dict) -> None:
@@ -46,8 +36,8 @@ def print_summary(s: dict) -> None:
     click.echo(f"{'metric':<12}{'p50':>11}{'p90':>11}{'p95':>11}{'p99':>11}{'mean':>11}")
     for key, label in (("ttft", "TTFT"), ("tbt", "TBT"), ("tpot", "TPOT"), ("e2e", "E2E"),
                        ("queue_time", "queue")):
-        row = "".join(f"{_fmt_seconds(s[f'{key}_p{p}']):>11}" for p in (50, 90, 95, 99))
-        click.echo(f"{label:<12}{row}{_fmt_seconds(s[f'{key}_mean']):>11}")
+        row = "".join(f"{fmt_seconds(s[f'{key}_p{p}']):>11}" for p in (50, 90, 95, 99))
+        click.echo(f"{label:<12}{row}{fmt_seconds(s[f'{key}_mean']):>11}")
     click.echo(
         f"throughput: {s['output_tokens_per_s']:,.0f} output tok/s "
         f"({s['output_tokens_per_s_per_gpu']:,.0f} per GPU, {s['num_gpus']} GPUs), "
@@ -62,7 +52,7 @@ def print_summary(s: dict) -> None:
         click.echo(
             f"  of which GPU {s['gpu_cache_hit_rate'] * 100:.1f}%, host tier "
             f"{s['host_cache_hit_rate'] * 100:.1f}% ({s['num_host_loads']:,} loads, p95 wait "
-            f"{_fmt_seconds(s.get('host_load_time_p95', float('nan')))})   "
+            f"{fmt_seconds(s.get('host_load_time_p95', float('nan')))})   "
             f"prefetches: {s['num_prefetches']:,}"
         )
     if s.get("num_pins"):
@@ -246,7 +236,7 @@ def bench(num_requests: int | None, cluster: bool, soak: bool, no_scaling: bool,
                f"s wall = {report['requests_per_wall_second']:,.0f} simulated requests/s")
     click.echo(f"simulated: {report['simulated_seconds']:.0f} s, "
                f"{report['output_tokens_per_s']:,.0f} output tok/s, "
-               f"TTFT p50 {_fmt_seconds(report['ttft_p50'])}, peak KV {report['peak_kv_usage']:.0%}")
+               f"TTFT p50 {fmt_seconds(report['ttft_p50'])}, peak KV {report['peak_kv_usage']:.0%}")
     click.echo(f"peak memory (RSS): {report['peak_rss_mib']:.0f} MiB")
 
 
@@ -260,8 +250,8 @@ def _print_cluster_bench(report: dict) -> None:
             f"  wall {r['wall_seconds']:.1f} s (event core {r['loop_seconds']:.1f} s) = "
             f"{r['requests_per_wall_second']:,.0f} simulated requests/s; core: "
             f"{r['loop_us_per_request']:.1f} us/request, {r['loop_us_per_event']:.2f} us/event\n"
-            f"  simulated {r['simulated_seconds']:,.0f} s: TTFT p50 {_fmt_seconds(r['ttft_p50'])}"
-            f", p95 {_fmt_seconds(r['ttft_p95'])}, prefix hit rate "
+            f"  simulated {r['simulated_seconds']:,.0f} s: TTFT p50 {fmt_seconds(r['ttft_p50'])}"
+            f", p95 {fmt_seconds(r['ttft_p95'])}, prefix hit rate "
             f"{r['prefix_cache_hit_rate']:.1%}, {r['num_preemptions']:,} preemptions; "
             f"peak RSS so far {r['peak_rss_mib']:,.0f} MiB")
     runs = {r["label"]: r for r in report["runs"]}

@@ -21,6 +21,8 @@ Definitions (WORKLOADS.md "What users measure"):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -245,3 +247,14 @@ def summarize(requests: pd.DataFrame, replicas: pd.DataFrame, gap_hist: np.ndarr
         "num_replicas": int(len(replicas)),
     }
     return summary
+
+
+def fmt_seconds(x: float | None) -> str:
+    """A duration for people: microseconds, milliseconds or seconds; "-" when unknown."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} us"
+    if x < 1.0:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x:.2f} s"
