@@ -230,11 +230,45 @@ def test_host_tier_smaller_than_one_block_is_an_error():
         simulate(exp, progress=False)
 
 
-def test_reference_model_declines_what_it_does_not_cover():
+@pytest.mark.parametrize(
+    "exp",
+    [
+        _exp(host_blocks=1000),
+        _exp(host_blocks=120),
+        _exp(policy="session_ttl", ttl_s=60.0),
+        _exp(policy="session_ttl", ttl_s=0.5),
+        _exp(blocks=180, policy="session_ttl", ttl_s=60.0),
+        _exp(host_blocks=1000, policy="offload_prefetch"),
+        _exp(host_blocks=50, policy="offload_prefetch", prefetch_margin_s=60.0),
+    ],
+    ids=["host", "small-host", "ttl", "ttl-expires", "ttl-breaks", "prefetch", "prefetch-small"],
+)
+def test_reference_model_agrees_on_the_tool_gap(exp):
+    """The SimPy reference (simulator/reference/) covers the host tier and retention: the same
+    times and counters as the core (the random scenarios: tests/test_reference_diff.py)."""
+    from test_reference_diff import compare
+
     wl, _ = _tool_gap_workload()
-    for exp in (_exp(host_blocks=100), _exp(policy="session_ttl")):
-        with pytest.raises(ReferenceScopeError):
-            run_reference(exp, workload=wl)
+    exp = exp.model_copy(update={"outputs": exp.outputs.model_copy(update={"step_log": True})})
+    core = simulate(exp, workload=wl, progress=False)
+    problems = compare(core, run_reference(exp, workload=wl))
+    assert not problems, "\n".join(problems)
+
+
+def test_reference_model_declines_speculative_decoding():
+    wl, _ = _tool_gap_workload()
+    exp = parse_experiment(
+        {
+            "model": "llama-3.1-8b", "hardware": "h100-sxm",
+            "engine": {"speculative": {"method": "ngram", "num_speculative_tokens": 2,
+                                       "acceptance_rate": 0.5}},
+            "workload": {"kind": "requests", "num_requests": 1, "arrival": {"process": "burst"},
+                         "prompt_tokens": 10, "output_tokens": 2},
+        },
+        "spec.yaml",
+    )
+    with pytest.raises(ReferenceScopeError):
+        run_reference(exp, workload=wl)
 
 
 def test_tier_blocks_count_from_capacity():

@@ -1,6 +1,10 @@
 """Random small scenarios (experiment + hand-built workload) for the differential tests.
 
-``scenarios()`` is a hypothesis strategy. A scenario has 1-3 replicas (possibly in groups with
+``scenarios()`` is a hypothesis strategy; ``scenarios(tiers=True)`` adds, on replicas with
+prefix caching, a small host KV tier (a few blocks, so it evicts; slow or fast PCIe) and a
+retention policy (session TTL from 1 ms to 60 s, offload-and-prefetch with margins), with tool
+waits up to a few seconds so that protections expire and prefetches run. A scenario has 1-3
+replicas (possibly in groups with
 different engines), each router, tiny KV pools (eviction, preemption, capacity rejections),
 small ``max_num_seqs`` / ``max_num_batched_tokens`` (chunked prefill), caching on or off, and a
 workload built on a content tree: shared scaffolds, lone requests, requests whose prompts end
@@ -81,13 +85,17 @@ TIMES = st.sampled_from([0.0, 0.0, 0.0, 0.001, 0.01, 0.05, 0.2, 1.0]) | st.float
 WAITS = st.sampled_from([0.0, 0.0, 0.0, 0.001, 0.02]) | st.floats(
     0.0, 0.5, allow_nan=False, allow_infinity=False
 )
+# tool waits for the retention policies: long enough for TTLs to expire and prefetches to run
+TOOL_WAITS = st.sampled_from([0.0, 0.001, 0.02, 0.1, 0.5, 2.0]) | st.floats(
+    0.0, 3.0, allow_nan=False, allow_infinity=False
+)
 FRESH = st.integers(0, 60)
 OUTPUT = st.integers(1, 24) | st.integers(1, 70)
 EXTRA = st.integers(0, 20)  # tokens a node holds past the request (later turns)
 
 
 @st.composite
-def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
+def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWorkload:
     b = WorkloadBuilder()
     scaffolds: list[list[int]] = [[]]  # paths of shared prefixes; [] = no prefix
     for _ in range(draw(st.integers(0, 3))):
@@ -107,7 +115,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
         if kind == "single":
             f, o = draw(first_fresh), draw(OUTPUT)
             own = b.node(under, f + o + draw(EXTRA))
-            b.request(prefix + [own], start + f, o, arrival, draw(WAITS))
+            b.request(prefix + [own], start + f, o, arrival, draw(waits))
         elif kind == "dup" and prefix:
             # prompts ending inside a shared node: identical or nested prompts and outputs
             lo, hi = b.node_start[under], b.end(under)
@@ -117,7 +125,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                     continue
                 o = draw(st.integers(1, min(total - 1, 24)))
                 b.request(
-                    prefix, total - o, o, arrival + draw(st.sampled_from([0.0, 0.01])), draw(WAITS)
+                    prefix, total - o, o, arrival + draw(st.sampled_from([0.0, 0.01])), draw(waits)
                 )
         elif kind == "session":
             turns = [(draw(first_fresh), draw(OUTPUT))]
@@ -132,7 +140,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                     start + before + f,
                     o,
                     arrival,
-                    draw(WAITS),
+                    draw(waits),
                     parents=[] if prev is None else [prev],
                     session=session,
                 )
@@ -140,7 +148,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
         elif kind == "fanout":
             f0, o0 = draw(first_fresh), draw(OUTPUT)
             trunk = b.node(under, f0 + o0)  # ends exactly at the first request's end
-            r0 = b.request(prefix + [trunk], start + f0, o0, arrival, draw(WAITS))
+            r0 = b.request(prefix + [trunk], start + f0, o0, arrival, draw(waits))
             kids = []
             for _ in range(draw(st.integers(1, 4))):
                 f, o = draw(FRESH), draw(OUTPUT)
@@ -150,7 +158,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                         prefix + [trunk, leaf],
                         b.end(trunk) + f,
                         o,
-                        wait=draw(WAITS),
+                        wait=draw(waits),
                         parents=[r0],
                         session=r0,
                     )
@@ -162,7 +170,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                     prefix + [trunk, leaf],
                     b.end(trunk) + f,
                     o,
-                    wait=draw(WAITS),
+                    wait=draw(waits),
                     parents=kids,
                     session=r0,
                 )
@@ -180,8 +188,45 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
     return b.build()
 
 
+@functools.cache
+def block_bytes(model: str, block_size: int) -> int:
+    """Bytes of one KV block of ``model`` (the unit of the host tier's capacity)."""
+    exp = parse_experiment(
+        {
+            "model": model,
+            "hardware": "h100-sxm",
+            "engine": {"block_size": block_size},
+            "workload": DUMMY_WORKLOAD,
+        }
+    )
+    return plan_replicas(exp)[0].kv_bytes_per_token * block_size
+
+
 @st.composite
-def engines(draw, block_size: int, base_blocks: int) -> dict:
+def tiers(draw, model: str, block_size: int, caching: bool) -> dict:
+    """Engine fields of a host tier and a retention policy (both need prefix caching)."""
+    if not caching:
+        return {"kv_host_tier": None, "retention": {"policy": "lru"}}
+    policy = draw(st.sampled_from(["lru", "session_ttl", "offload_prefetch"]))
+    retention: dict = {"policy": policy}
+    if policy == "session_ttl":
+        retention["ttl_s"] = draw(st.sampled_from([0.001, 0.01, 0.05, 0.3, 2.0, 60.0]))
+    if policy == "offload_prefetch":
+        retention["prefetch_margin_s"] = draw(st.sampled_from([0.0, 0.0, 0.001, 0.01, 0.1]))
+    host = None
+    if policy == "offload_prefetch" or draw(st.integers(0, 3)) > 0:
+        blocks = draw(st.integers(1, 6) | st.integers(1, 40))
+        host = {
+            "capacity_gb": blocks * block_bytes(model, block_size) / 1e9,
+            "h2d_gb_per_s": draw(st.sampled_from([0.2, 1.0, 5.0, 45.3])),
+        }
+    return {"kv_host_tier": host, "retention": retention}
+
+
+@st.composite
+def engines(
+    draw, block_size: int, base_blocks: int, model: str = "", with_tiers: bool = False
+) -> dict:
     eng: dict = {
         "block_size": block_size,
         # small pools: several running requests outgrow them, so preemption is common
@@ -195,6 +240,8 @@ def engines(draw, block_size: int, base_blocks: int) -> dict:
     }
     if draw(st.integers(0, 4)) == 0:
         eng["max_model_len"] = draw(st.integers(2, 300))
+    if with_tiers:
+        eng |= draw(tiers(model, block_size, eng["enable_prefix_caching"]))
     return eng
 
 
@@ -229,7 +276,7 @@ def routers(draw) -> dict:
 
 
 @st.composite
-def scenarios(draw, max_requests: int = MAX_REQUESTS) -> Scenario:
+def scenarios(draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False) -> Scenario:
     model = draw(st.sampled_from(MODELS))
     block_size = 16 if model == HYBRID else draw(st.sampled_from([16, 16, 16, 4, 8, 32]))
     base = state_blocks(model, block_size)
@@ -243,18 +290,19 @@ def scenarios(draw, max_requests: int = MAX_REQUESTS) -> Scenario:
         total += count
         group: dict = {"count": count}
         if draw(st.booleans()):
-            group["engine"] = draw(engines(block_size, base))
+            group["engine"] = draw(engines(block_size, base, model, with_tiers))
         groups.append(group)
     experiment = {
         "model": model,
         "hardware": draw(st.sampled_from(["h100-sxm", "h200"])),
-        "engine": draw(engines(block_size, base)),
+        "engine": draw(engines(block_size, base, model, with_tiers)),
         "cluster": {"replicas": groups, "router": draw(routers())},
         "workload": DUMMY_WORKLOAD,
         "outputs": {"step_log": True},
         "seed": draw(st.integers(0, 2**32)),
     }
-    return Scenario(experiment, draw(workloads(max_requests)))
+    waits = TOOL_WAITS if with_tiers else WAITS
+    return Scenario(experiment, draw(workloads(max_requests, waits)))
 
 
 def run_core(sc: Scenario):
@@ -336,4 +384,33 @@ def test_scenarios_reach_the_hard_cases():
         "chunked",
         "tied_arrivals",
     ):
+        assert seen[key] >= 3, (key, seen)
+
+
+def test_tier_scenarios_reach_the_host_tier_and_retention():
+    """Enough tier scenarios load from the host, evict from it, pin, break and expire pins,
+    and prefetch."""
+    seen = Counter()
+
+    @settings(
+        max_examples=80,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(scenarios(with_tiers=True))
+    def check(sc):
+        res = run_core(sc)
+        reps, df = res.replicas, res.requests
+        seen["host_loads"] += int(reps["host_loads"].sum() > 0)
+        seen["host_evicted"] += int(reps["host_evicted_blocks"].sum() > 0)
+        seen["pins"] += int(reps["pins"].sum() > 0)
+        seen["pins_broken"] += int(reps["pins_broken"].sum() > 0)
+        seen["prefetches"] += int(reps["prefetches"].sum() > 0)
+        seen["preempted"] += int(df["preemptions"].sum() > 0)
+        assert math.isfinite(res.summary()["simulated_seconds"])
+
+    check()
+    for key in ("host_loads", "host_evicted", "pins", "pins_broken", "prefetches", "preempted"):
         assert seen[key] >= 3, (key, seen)

@@ -29,7 +29,7 @@ import simpy
 
 from simulator.core.state import REJECT_REASONS
 from simulator.reference.replica import Replica, StepRecord
-from simulator.reference.request import Request, Status, make_requests
+from simulator.reference.request import ContentTree, Request, Status, make_requests
 from simulator.reference.router import Router
 from simulator.simulate import plan_replicas
 from simulator.workload.compile import compile_workload
@@ -53,7 +53,8 @@ class Cluster:
         block_sizes = {int(p.block_size) for p in plans}
         if len(block_sizes) != 1:
             raise ValueError(f"replicas must share one block size (got {sorted(block_sizes)})")
-        self.requests = make_requests(wl, block_sizes.pop())
+        self.tree = ContentTree(wl, block_sizes.pop())
+        self.requests = make_requests(self.tree)
         self.replicas = [Replica(env, i, plan, self) for i, plan in enumerate(plans)]
         self.router = Router(router, self.replicas, seed)
         if self.router.staleness > 0.0:
@@ -69,6 +70,29 @@ class Cluster:
         req.arrived = self.env.now + delay
         arrival = self.env.timeout(delay)  # created now: see the module docstring
         self.env.process(self.request_process(req, arrival))
+
+    def call_at(self, when: float, action) -> None:
+        """Run ``action()`` at simulated time ``when`` (>= now), as an event created now.
+
+        SimPy takes a delay and adds it to the clock; the delay is chosen so that the sum is
+        exactly ``when``, the time stamp the core computes (ties between events depend on it).
+        """
+        now = self.env.now
+        delay = when - now
+        for _ in range(64):
+            if now + delay == when:
+                break
+            delay = math.nextafter(delay, math.inf if now + delay < when else -math.inf)
+        event = self.env.timeout(max(delay, 0.0))
+        event.callbacks.append(lambda _event: action())
+
+    def unpin_parents(self, req: Request) -> None:
+        """``req`` is admitted for the first time: its parents' session-TTL protections end
+        (on whichever replica each parent ran)."""
+        for p in req.parents:
+            parent = self.requests[p]
+            if parent.pinned:
+                self.replicas[parent.replica].unpin(parent)
 
     def snapshots(self):
         """Refresh the router's view of replica load every ``staleness_s``, from t = 0, for as
@@ -161,6 +185,8 @@ class Cluster:
                 "e2e": finish - arrival,
                 "queue_time": sched - arrival,
                 "max_tbt": np.where(multi, [r.max_gap for r in reqs], math.nan),
+                "host_cached_tokens": np.array([r.host_hit_tokens for r in reqs], dtype=np.int64),
+                "host_load_time": np.array([r.load_end for r in reqs]) - sched,
             }
         )
 
@@ -225,12 +251,6 @@ def run_reference(
             raise ReferenceScopeError("the reference model does not cover speculative decoding")
         if getattr(plan, "role", "aggregated") != "aggregated":
             raise ReferenceScopeError("the reference model does not cover disaggregated pools")
-        if getattr(plan, "host_blocks", 0) > 0:
-            raise ReferenceScopeError("the reference model does not cover the host KV tier")
-        if getattr(plan, "retention", "lru") != "lru":
-            raise ReferenceScopeError(
-                f"the reference model covers LRU retention only, not {plan.retention!r}"
-            )
     validate_compiled(workload)
     env = simpy.Environment()
     cluster = Cluster(env, plans, router, workload, seed)

@@ -24,6 +24,25 @@ first.
 At the end of a step every scheduled request whose computed tokens caught up with its known
 tokens emits one token; requests that emitted their last token free their blocks and release
 their children (see cluster.py).
+
+**Host tier** (hosttier.py). A waiting request's prefix hit may go on past the GPU's cached
+blocks into blocks only the host holds. Then it is admitted without computing anything: it takes
+GPU blocks for the whole hit past the GPU part, and waits (``LOADING``: in the running list, in
+no batch, never preempted) while the replica's copy engine moves the host-only blocks over PCIe
+(copies are served one after the other). When the copy lands, those blocks are committed as if
+computed, and the request computes the rest of its prompt from the next step on.
+
+**Retention** across tool gaps, for a finished request that has children:
+
+* ``lru``: its blocks are freed as usual;
+* ``session_ttl``: it frees its uncached blocks but keeps referencing its committed ones
+  (*pinned*) until its first child is admitted, ``ttl_s`` passes, or blocks run short: before
+  preempting a running request or holding back a waiting one, the oldest pin is dropped;
+* ``offload_prefetch``: if a child whose last unfinished parent it is will wait (a tool call),
+  its committed blocks are stored to the host tier (deepest node first), then freed; a copy back
+  is started so that it lands ``prefetch_margin_s`` before the soonest such child is due, were
+  all of them missing. When it lands the blocks become cached again, unreferenced, at the tail
+  of the free queue.
 """
 
 from __future__ import annotations
@@ -35,7 +54,8 @@ import numpy as np
 import simpy
 
 from simulator.costmodel import step_seconds
-from simulator.reference.kvcache import BlockPool
+from simulator.reference.hosttier import HostTier
+from simulator.reference.kvcache import BlockKey, BlockPool
 from simulator.reference.request import Request, Status
 
 if TYPE_CHECKING:
@@ -76,7 +96,24 @@ class Replica:
         self.max_model_len = int(plan.max_model_len)
         self.state_blocks = int(plan.state_blocks_per_seq)  # recurrent state, per sequence
         self.cost_params = plan.cost_params
-        self.pool = BlockPool(int(plan.num_blocks), bool(plan.enable_prefix_caching))
+        self.tree = cluster.tree
+        host_blocks = int(getattr(plan, "host_blocks", 0))
+        self.host = HostTier(host_blocks) if host_blocks > 0 else None
+        self.pool = BlockPool(
+            int(plan.num_blocks),
+            bool(plan.enable_prefix_caching),
+            self.host,
+            cluster.tree.first_blocks(),
+        )
+        # host -> GPU copies, loads and prefetches alike, one after the other
+        self.h2d_bytes_per_s = float(getattr(plan, "h2d_bytes_per_s", 0.0))
+        self.kv_bytes_per_token = float(getattr(plan, "kv_bytes_per_token", 0))
+        self.h2d_free_at = 0.0
+        self.h2d_busy_seconds = 0.0
+        self.retention = getattr(plan, "retention", "lru")
+        self.ttl = float(getattr(plan, "ttl_s", 0.0))
+        self.prefetch_margin = float(getattr(plan, "prefetch_margin_s", 0.0))
+        self.pinned: list[Request] = []  # session TTL: finished requests holding blocks, oldest first
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
         self.outstanding = 0  # dispatched here and not finished (the router reads it)
@@ -92,6 +129,12 @@ class Replica:
         self.num_preemptions = 0
         self.peak_used_blocks = 0
         self.peak_running = 0
+        self.host_loads = 0
+        self.host_load_blocks = 0
+        self.pins = 0
+        self.pins_broken = 0
+        self.prefetches = 0
+        self.prefetch_blocks = 0
         self.process = env.process(self.run())
 
     # ------------------------------------------------------------------ the process
@@ -103,9 +146,7 @@ class Replica:
         self.outstanding += 1
         self.pending_prefill_tokens += req.prompt_tokens
         self.waiting.append(req)
-        if self.idle:
-            self.idle = False
-            self._wake.succeed()
+        self.wake()
 
     def run(self):
         """schedule -> step -> step end, for as long as there is work; then sleep."""
@@ -122,13 +163,20 @@ class Replica:
                 self.end_step(batch)
                 # the next batch is formed at this same time, after every event already due
                 yield env.timeout(0)
-            if self.waiting or self.running:
+            loading = any(r.status is Status.LOADING for r in self.running)
+            if (self.waiting or self.running) and not loading:  # a landing load wakes it
                 raise SchedulerStuck(
                     f"replica {self.index}: {len(self.waiting)} waiting and {len(self.running)} "
                     "running requests, but no batch could be formed"
                 )
             self.idle = True
             self._wake = env.event()
+
+    def wake(self) -> None:
+        """Work for an idle replica: it schedules now (after events already due)."""
+        if self.idle:
+            self.idle = False
+            self._wake.succeed()
 
     # ------------------------------------------------------------------ scheduling
 
@@ -144,6 +192,9 @@ class Replica:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.status is Status.LOADING:
+                i += 1
+                continue
             n = min(
                 req.num_tokens - req.num_computed,
                 budget,
@@ -153,8 +204,12 @@ class Replica:
                 i += 1
                 continue
             need = self.blocks_for(req.num_computed + n) - len(req.block_table)
+            while need > self.pool.num_free and self.pinned:
+                self.unpin_oldest()
             while need > self.pool.num_free:
-                victim = self.running.pop()
+                # the newest running request that is not loading
+                victim = next(r for r in reversed(self.running) if r.status is Status.RUNNING)
+                self.running.remove(victim)
                 self.preempt(victim)
                 preempted = True
                 if victim is req:
@@ -174,22 +229,49 @@ class Replica:
             req = self.waiting[0]
             cap = (req.num_tokens - 1) // self.block_size  # the last token is always computed
             hit = self.pool.longest_hit(req.keys[:cap])
-            num_computed = len(hit) * self.block_size
-            n = min(req.num_tokens - num_computed, budget)
-            new_blocks = self.blocks_for(num_computed + n) - len(hit)
-            if new_blocks + self.state_blocks + self.pool.num_queued(hit) > self.pool.num_free:
+            host_only = 0  # blocks past the GPU hit that only the host holds
+            tiered = len(hit)  # blocks held by either tier, from the first one
+            if self.host is not None and self.pool.enable_caching:
+                for key in req.keys[len(hit) : cap]:
+                    if key in self.pool.cached:
+                        tiered += 1
+                    elif self.host_holds(key):
+                        tiered += 1
+                        host_only += 1
+                    else:
+                        break
+            loading = tiered > len(hit)
+            if loading:
+                num_computed = tiered * self.block_size
+                n = 0
+                new_blocks = tiered - len(hit)
+            else:
+                num_computed = len(hit) * self.block_size
+                n = min(req.num_tokens - num_computed, budget)
+                new_blocks = self.blocks_for(num_computed + n) - len(hit)
+            need = new_blocks + self.state_blocks + self.pool.num_queued(hit)
+            if need > self.pool.num_free:
+                if self.pinned:
+                    self.unpin_oldest()
+                    continue  # look again
                 break
             self.waiting.popleft()
             self.pool.touch(hit)
-            req.block_table = hit + self.pool.allocate(new_blocks)
+            blocks = self.pool.allocate(new_blocks + self.state_blocks)
+            req.block_table = hit + blocks[:new_blocks]
+            req.extra_blocks = blocks[new_blocks:]
             req.num_committed = len(hit)
-            req.extra_blocks = self.pool.allocate(self.state_blocks)
             req.num_computed = num_computed
-            if req.cached_tokens is None:
+            first = req.cached_tokens is None
+            if first:
                 req.cached_tokens = num_computed
                 req.first_scheduled = self.env.now
-            req.status = Status.RUNNING
+                self.cluster.unpin_parents(req)
             self.running.append(req)
+            if loading:
+                self.start_load(req, tiered, host_only, first)
+                continue
+            req.status = Status.RUNNING
             self.compute(req, n, batch)
             budget -= n
         return batch
@@ -199,6 +281,10 @@ class Replica:
         batch.append(Scheduled(req, n, req.num_computed))
         req.num_computed += n
         req.scheduled_tokens += n
+        self.commit(req)
+
+    def commit(self, req: Request) -> None:
+        """Enter the full blocks ``req`` has computed (or loaded) into the prefix index."""
         if not self.pool.enable_caching:
             return
         for i in range(req.num_committed, req.num_computed // self.block_size):
@@ -283,12 +369,161 @@ class Replica:
         if not done:
             return
         for req in [r for r in self.running if r in done]:
-            self.release(req)
+            self.retain(req)
             req.status = Status.FINISHED
             self.outstanding -= 1
-        self.running = [r for r in self.running if r.status is Status.RUNNING]
+        self.running = [r for r in self.running if r.status is not Status.FINISHED]
         for req in done:
             self.cluster.request_done(req)
+
+    # ------------------------------------------------------------------ host tier
+
+    def host_holds(self, key: BlockKey) -> bool:
+        node, index = key
+        return self.host is not None and self.host.holds(node, index - self.tree.first_block(node))
+
+    def host_touch(self, keys: list[BlockKey]) -> None:
+        """The nodes of ``keys`` that have host blocks become the most recently used there,
+        deepest first (so a session's shared, shallow nodes outlive its own)."""
+        for node in reversed(nodes_of(keys)):
+            if self.host.num_held(node) > 0:
+                self.host.touch(node)
+
+    def copy_to_gpu(self, num_blocks: int) -> tuple[float, float]:
+        """Book the copy engine for ``num_blocks`` blocks: ``(start, end)`` of the copy."""
+        nbytes = num_blocks * self.block_size * self.kv_bytes_per_token
+        start = max(self.env.now, self.h2d_free_at)
+        busy = nbytes / self.h2d_bytes_per_s
+        self.h2d_free_at = start + busy
+        self.h2d_busy_seconds += busy
+        return start, start + busy
+
+    def start_load(self, req: Request, tiered: int, host_only: int, first: bool) -> None:
+        """``req`` was admitted with a hit reaching into host-only blocks: copy them in."""
+        req.status = Status.LOADING
+        self.host_loads += 1
+        self.host_load_blocks += host_only
+        self.host_touch(req.keys[:tiered])
+        _, end = self.copy_to_gpu(host_only)
+        if first:
+            req.host_hit_tokens = host_only * self.block_size
+            req.load_end = end
+        self.cluster.call_at(end, lambda: self.load_done(req))
+
+    def load_done(self, req: Request) -> None:
+        """The copy landed: the loaded blocks are committed; ``req`` computes on."""
+        req.status = Status.RUNNING
+        self.commit(req)
+        self.wake()
+
+    # ------------------------------------------------------------------ retention
+
+    def retain(self, req: Request) -> None:
+        """``req`` finished: free its blocks under the replica's retention policy."""
+        if self.retention == "lru" or not req.children or not self.pool.enable_caching:
+            self.release(req)
+        elif self.retention == "session_ttl":
+            if req.num_committed == 0:
+                self.release(req)  # no cached block to protect
+                return
+            self.pin(req)
+        else:
+            self.offload(req)
+
+    def pin(self, req: Request) -> None:
+        uncached = req.block_table[req.num_committed :] + req.extra_blocks
+        self.pool.free(reversed(uncached))
+        req.block_table = req.block_table[: req.num_committed]
+        req.extra_blocks = []
+        req.pinned = True
+        self.pinned.append(req)
+        self.pins += 1
+        self.cluster.call_at(self.env.now + self.ttl, lambda: self.expire(req))
+
+    def expire(self, req: Request) -> None:
+        if req.pinned:
+            self.unpin(req)
+
+    def unpin(self, req: Request) -> None:
+        """End ``req``'s protection: its blocks are freed as at a finish (last block first)."""
+        self.pinned.remove(req)
+        req.pinned = False
+        self.pool.free(reversed(req.block_table))
+        req.block_table = []
+        req.num_committed = 0
+
+    def unpin_oldest(self) -> None:
+        """Blocks are short: the oldest protection on this replica ends early."""
+        self.unpin(self.pinned[0])
+        self.pins_broken += 1
+
+    def offload(self, req: Request) -> None:
+        """Offload-and-prefetch: store ``req``'s committed blocks to the host and free them; a
+        prefetch brings them back before the soonest child that only waits for ``req``."""
+        waits = [
+            child.wait_after_ready
+            for child in (self.cluster.requests[c] for c in req.children)
+            if child.num_pending_parents == 1  # req is its last unfinished parent
+        ]
+        wait = min(waits, default=-1.0)
+        retain = req.num_committed
+        if wait <= 0.0 or retain == 0 or self.host is None:
+            self.release(req)
+            return
+        req.retained = retain
+        kept = req.keys[:retain]
+        for node in reversed(nodes_of(kept)):
+            index = max(i for c, i in kept if c == node)
+            self.host.store(node, index - self.tree.first_block(node) + 1)
+        self.release(req)
+        now = self.env.now
+        lead = retain * self.block_size * self.kv_bytes_per_token / self.h2d_bytes_per_s
+        due = now + wait - lead - self.prefetch_margin
+        self.cluster.call_at(max(due, now), lambda: self.prefetch(req))
+
+    def prefetch(self, req: Request) -> None:
+        """Copy the retained blocks that the host holds and the GPU lost back to the GPU."""
+        kept = req.keys[: req.retained]
+        missing = sum(1 for key in kept if key not in self.pool.cached and self.host_holds(key))
+        if missing == 0:
+            return
+        _, end = self.copy_to_gpu(missing)
+        self.cluster.call_at(end, lambda: self.prefetch_done(req))
+
+    def prefetch_done(self, req: Request) -> None:
+        """The prefetched blocks are in GPU memory: per node, deepest first, the node's blocks
+        the host holds and the GPU lacks are cached again (taking free blocks from the head of
+        the queue, as any allocation), and the node's unreferenced cached blocks move to the
+        tail, last block first. An allocation never takes blocks this prefetch already put at
+        the tail: what does not fit is dropped."""
+        kept = req.keys[: req.retained]
+        pool = self.pool
+        pushed = 0  # blocks this prefetch put at the tail
+        added = 0
+        for node in reversed(nodes_of(kept)):
+            first = self.tree.first_block(node)
+            want = min(self.host.num_held(node), sum(1 for c, _ in kept if c == node))
+            res = pool.resident(node)
+            if want <= res:
+                continue
+            queued = [
+                pool.cached[(node, first + i)]
+                for i in range(res)
+                if pool.blocks[pool.cached[(node, first + i)]].ref_cnt == 0
+            ]
+            referenced = res - len(queued)  # a prefix of the node
+            pool.lift(queued)
+            add = min(want - res, max(pool.num_free - pushed, 0))
+            for k, b in enumerate(pool.allocate(add)):
+                pool.install(b, (node, first + res + k))
+            added += add
+            top = res + add
+            pool.append(pool.cached[(node, first + i)] for i in reversed(range(referenced, top)))
+            pushed += top - referenced
+        self.host_touch(kept)
+        if added > 0:
+            self.prefetches += 1
+            self.prefetch_blocks += added
 
     # ------------------------------------------------------------------ results
 
@@ -306,4 +541,24 @@ class Replica:
             "evicted_blocks": self.pool.num_evicted,
             "free_blocks_at_end": self.pool.num_free,
             "routed_requests": self.routed,
+            "host_capacity_blocks": self.host.capacity if self.host else 0,
+            "host_loads": self.host_loads,
+            "host_load_blocks": self.host_load_blocks,
+            "h2d_busy_seconds": self.h2d_busy_seconds,
+            "host_stored_blocks": self.host.num_stored if self.host else 0,
+            "host_evicted_blocks": self.host.num_evicted if self.host else 0,
+            "host_peak_blocks": self.host.peak if self.host else 0,
+            "pins": self.pins,
+            "pins_broken": self.pins_broken,
+            "prefetches": self.prefetches,
+            "prefetch_blocks": self.prefetch_blocks,
         }
+
+
+def nodes_of(keys: list[BlockKey]) -> list[int]:
+    """The content nodes of a sequence's block keys, in path order (root first)."""
+    nodes: list[int] = []
+    for node, _ in keys:
+        if not nodes or nodes[-1] != node:
+            nodes.append(node)
+    return nodes
