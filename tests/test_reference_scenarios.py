@@ -24,6 +24,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,7 +87,7 @@ WAITS = st.sampled_from([0.0, 0.0, 0.0, 0.001, 0.02]) | st.floats(
     0.0, 0.5, allow_nan=False, allow_infinity=False
 )
 # tool waits for the retention policies: long enough for TTLs to expire and prefetches to run
-TOOL_WAITS = st.sampled_from([0.0, 0.001, 0.02, 0.1, 0.5, 2.0]) | st.floats(
+TOOL_WAITS = st.sampled_from([0.0, 0.0, 0.001, 0.02, 0.1, 0.5, 2.0]) | st.floats(
     0.0, 3.0, allow_nan=False, allow_infinity=False
 )
 FRESH = st.integers(0, 60)
@@ -96,6 +97,8 @@ EXTRA = st.integers(0, 20)  # tokens a node holds past the request (later turns)
 
 @st.composite
 def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWorkload:
+    """A workload; ``waits``: the strategy of the waits of requests that have parents (tool
+    calls; requests without parents always draw from WAITS)."""
     b = WorkloadBuilder()
     scaffolds: list[list[int]] = [[]]  # paths of shared prefixes; [] = no prefix
     for _ in range(draw(st.integers(0, 3))):
@@ -115,7 +118,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWo
         if kind == "single":
             f, o = draw(first_fresh), draw(OUTPUT)
             own = b.node(under, f + o + draw(EXTRA))
-            b.request(prefix + [own], start + f, o, arrival, draw(waits))
+            b.request(prefix + [own], start + f, o, arrival, draw(WAITS))
         elif kind == "dup" and prefix:
             # prompts ending inside a shared node: identical or nested prompts and outputs
             lo, hi = b.node_start[under], b.end(under)
@@ -125,7 +128,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWo
                     continue
                 o = draw(st.integers(1, min(total - 1, 24)))
                 b.request(
-                    prefix, total - o, o, arrival + draw(st.sampled_from([0.0, 0.01])), draw(waits)
+                    prefix, total - o, o, arrival + draw(st.sampled_from([0.0, 0.01])), draw(WAITS)
                 )
         elif kind == "session":
             turns = [(draw(first_fresh), draw(OUTPUT))]
@@ -140,7 +143,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWo
                     start + before + f,
                     o,
                     arrival,
-                    draw(waits),
+                    draw(WAITS if prev is None else waits),
                     parents=[] if prev is None else [prev],
                     session=session,
                 )
@@ -148,7 +151,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWo
         elif kind == "fanout":
             f0, o0 = draw(first_fresh), draw(OUTPUT)
             trunk = b.node(under, f0 + o0)  # ends exactly at the first request's end
-            r0 = b.request(prefix + [trunk], start + f0, o0, arrival, draw(waits))
+            r0 = b.request(prefix + [trunk], start + f0, o0, arrival, draw(WAITS))
             kids = []
             for _ in range(draw(st.integers(1, 4))):
                 f, o = draw(FRESH), draw(OUTPUT)
@@ -202,19 +205,25 @@ def block_bytes(model: str, block_size: int) -> int:
     return plan_replicas(exp)[0].kv_bytes_per_token * block_size
 
 
+# the first is the one hypothesis draws most (its simplest value)
+RETENTION_POLICIES = ("offload_prefetch", "session_ttl", "lru")
+
+
 @st.composite
-def tiers(draw, model: str, block_size: int, caching: bool) -> dict:
+def tiers(
+    draw, model: str, block_size: int, caching: bool, policies: tuple = RETENTION_POLICIES
+) -> dict:
     """Engine fields of a host tier and a retention policy (both need prefix caching)."""
     if not caching:
         return {"kv_host_tier": None, "retention": {"policy": "lru"}}
-    policy = draw(st.sampled_from(["lru", "session_ttl", "offload_prefetch"]))
+    policy = draw(st.sampled_from(policies))
     retention: dict = {"policy": policy}
     if policy == "session_ttl":
         retention["ttl_s"] = draw(st.sampled_from([0.001, 0.01, 0.05, 0.3, 2.0, 60.0]))
     if policy == "offload_prefetch":
         retention["prefetch_margin_s"] = draw(st.sampled_from([0.0, 0.0, 0.001, 0.01, 0.1]))
     host = None
-    if policy == "offload_prefetch" or draw(st.integers(0, 3)) > 0:
+    if policy == "offload_prefetch" or draw(st.integers(0, 3)) < 3:
         blocks = draw(st.integers(1, 6) | st.integers(1, 40))
         host = {
             "capacity_gb": blocks * block_bytes(model, block_size) / 1e9,
@@ -225,23 +234,33 @@ def tiers(draw, model: str, block_size: int, caching: bool) -> dict:
 
 @st.composite
 def engines(
-    draw, block_size: int, base_blocks: int, model: str = "", with_tiers: bool = False
+    draw, block_size: int, base_blocks: int, model: str = "", policies: tuple = ()
 ) -> dict:
+    """One engine; with ``policies`` (retention policy names), a host tier and one of them."""
     eng: dict = {
         "block_size": block_size,
-        # small pools: several running requests outgrow them, so preemption is common
+        # small pools: several running requests outgrow them, so preemption is common; with
+        # tiers, pools that fit most requests yet evict all the time (requests that are
+        # rejected, and their children, would test nothing)
         "num_gpu_blocks_override": base_blocks
-        + draw(st.integers(2, 6) | st.integers(1, 12) | st.integers(1, 80)),
+        + draw(
+            st.integers(3, 12) | st.integers(6, 40)
+            if policies
+            else st.integers(2, 6) | st.integers(1, 12) | st.integers(1, 80)
+        ),
         "max_num_seqs": draw(st.integers(1, 8)),
         "max_num_batched_tokens": draw(
             st.sampled_from([1, 7, 16, 32, 64, 2048]) | st.integers(1, 300)
         ),
-        "enable_prefix_caching": draw(st.booleans()),
+        # the host tier and retention policies need prefix caching: mostly on with them
+        "enable_prefix_caching": draw(
+            st.sampled_from([True, True, True, False]) if policies else st.booleans()
+        ),
     }
-    if draw(st.integers(0, 4)) == 0:
+    if draw(st.integers(0, 9 if policies else 4)) == 0:
         eng["max_model_len"] = draw(st.integers(2, 300))
-    if with_tiers:
-        eng |= draw(tiers(model, block_size, eng["enable_prefix_caching"]))
+    if policies:
+        eng |= draw(tiers(model, block_size, eng["enable_prefix_caching"], policies))
     return eng
 
 
@@ -276,7 +295,12 @@ def routers(draw) -> dict:
 
 
 @st.composite
-def scenarios(draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False) -> Scenario:
+def scenarios(
+    draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False,
+    policies: tuple = RETENTION_POLICIES,
+) -> Scenario:
+    """A random scenario; ``with_tiers``: host tiers and the retention ``policies``."""
+    policies = policies if with_tiers else ()
     model = draw(st.sampled_from(MODELS))
     block_size = 16 if model == HYBRID else draw(st.sampled_from([16, 16, 16, 4, 8, 32]))
     base = state_blocks(model, block_size)
@@ -290,12 +314,12 @@ def scenarios(draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False) 
         total += count
         group: dict = {"count": count}
         if draw(st.booleans()):
-            group["engine"] = draw(engines(block_size, base, model, with_tiers))
+            group["engine"] = draw(engines(block_size, base, model, policies))
         groups.append(group)
     experiment = {
         "model": model,
         "hardware": draw(st.sampled_from(["h100-sxm", "h200"])),
-        "engine": draw(engines(block_size, base, model, with_tiers)),
+        "engine": draw(engines(block_size, base, model, policies)),
         "cluster": {"replicas": groups, "router": draw(routers())},
         "workload": DUMMY_WORKLOAD,
         "outputs": {"step_log": True},
@@ -387,30 +411,34 @@ def test_scenarios_reach_the_hard_cases():
         assert seen[key] >= 3, (key, seen)
 
 
-def test_tier_scenarios_reach_the_host_tier_and_retention():
-    """Enough tier scenarios load from the host, evict from it, pin, break and expire pins,
-    and prefetch."""
+@pytest.mark.parametrize(
+    "policies,examples,wanted",
+    [
+        (("offload_prefetch", "lru"), 120,
+         ("host_loads", "host_evicted_blocks", "prefetches")),
+        (("session_ttl",), 100, ("pins", "pins_broken", "evicted_blocks")),
+    ],
+    ids=["prefetch", "ttl"],
+)
+def test_tier_scenarios_reach_the_host_tier_and_retention(policies, examples, wanted):
+    """The tier scenarios of the differential tests (same strategies, same example counts)
+    load from the host, evict from it, prefetch; pin, break pins under pressure."""
     seen = Counter()
 
     @settings(
-        max_examples=80,
+        max_examples=examples,
         derandomize=True,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
-    @given(scenarios(with_tiers=True))
+    @given(scenarios(with_tiers=True, policies=policies))
     def check(sc):
         res = run_core(sc)
-        reps, df = res.replicas, res.requests
-        seen["host_loads"] += int(reps["host_loads"].sum() > 0)
-        seen["host_evicted"] += int(reps["host_evicted_blocks"].sum() > 0)
-        seen["pins"] += int(reps["pins"].sum() > 0)
-        seen["pins_broken"] += int(reps["pins_broken"].sum() > 0)
-        seen["prefetches"] += int(reps["prefetches"].sum() > 0)
-        seen["preempted"] += int(df["preemptions"].sum() > 0)
+        for key in wanted:
+            seen[key] += int(res.replicas[key].sum() > 0)
         assert math.isfinite(res.summary()["simulated_seconds"])
 
     check()
-    for key in ("host_loads", "host_evicted", "pins", "pins_broken", "prefetches", "preempted"):
+    for key in wanted:
         assert seen[key] >= 3, (key, seen)
