@@ -29,6 +29,7 @@ from simulator.simulate import simulate
 MAX_EXAMPLES = 20_000 if MANY else 300
 MAX_TIER_EXAMPLES = 5_000 if MANY else 120
 MAX_TTL_EXAMPLES = 3_000 if MANY else 100
+MAX_DISAGG_EXAMPLES = 5_000 if MANY else 100
 RTOL = 1e-9
 
 EXACT_REQUEST_COLUMNS = [
@@ -41,6 +42,8 @@ EXACT_REQUEST_COLUMNS = [
     "scheduled_tokens",
     "computed_prompt_tokens",
     "host_cached_tokens",
+    "prefill_replica",
+    "decode_replica",
 ]
 TIME_REQUEST_COLUMNS = [
     "ready_time",
@@ -50,6 +53,9 @@ TIME_REQUEST_COLUMNS = [
     "finish_time",
     "max_tbt",
     "host_load_time",
+    "kv_transfer_bytes",
+    "kv_wait",
+    "kv_transfer_time",
 ]
 EXACT_REPLICA_COLUMNS = [
     "num_steps",
@@ -70,6 +76,7 @@ EXACT_REPLICA_COLUMNS = [
     "pins_broken",
     "prefetches",
     "prefetch_blocks",
+    "kv_transfers_in",
 ]
 EXACT_STEP_COLUMNS = [
     "replica",
@@ -112,7 +119,7 @@ def compare(core, ref, limit: int = 8) -> list[str]:
         x, y = core.replicas["routed_requests"].to_numpy(), ref.replicas["routed_requests"]
         for k in np.flatnonzero(x != y.to_numpy()):
             problems.append(f"replica {k}: routed_requests core={x[k]} reference={y[k]}")
-    for col in ("busy_seconds", "h2d_busy_seconds"):
+    for col in ("busy_seconds", "h2d_busy_seconds", "kv_transfer_bytes_in", "kv_link_busy_seconds"):
         x, y = core.replicas[col].to_numpy(), ref.replicas[col].to_numpy()
         for k in np.flatnonzero(~_close(x, y)):
             problems.append(f"replica {k}: {col} core={x[k]!r} reference={y[k]!r}")
@@ -193,6 +200,19 @@ def test_core_agrees_with_reference_with_host_tier_and_prefetch(sc: Scenario):
 def test_core_agrees_with_reference_with_session_ttl(sc: Scenario):
     """The same with session-TTL retention (protections that expire, break under pressure or
     end when a child is admitted), with or without a host tier."""
+    _agree_with_tiers(sc)
+
+
+@settings(
+    max_examples=MAX_DISAGG_EXAMPLES,
+    deadline=None,
+    derandomize=not MANY,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenarios(disaggregated=True))
+def test_core_agrees_with_reference_disaggregated(sc: Scenario):
+    """The same with prefill and decode pools: routing over both pools, conditional (local)
+    prefill, hand-offs, block allocation and serialised KV moves on the decode side."""
     _agree_with_tiers(sc)
 
 

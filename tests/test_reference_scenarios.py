@@ -297,30 +297,48 @@ def routers(draw) -> dict:
 @st.composite
 def scenarios(
     draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False,
-    policies: tuple = RETENTION_POLICIES,
+    policies: tuple = RETENTION_POLICIES, disaggregated: bool = False,
 ) -> Scenario:
-    """A random scenario; ``with_tiers``: host tiers and the retention ``policies``."""
+    """A random scenario; ``with_tiers``: host tiers and the retention ``policies``;
+    ``disaggregated``: prefill and decode pools (1-2 replicas each), a KV link of 0.5-50 GB/s,
+    and sometimes conditional (local) prefill."""
     policies = policies if with_tiers else ()
     model = draw(st.sampled_from(MODELS))
     block_size = 16 if model == HYBRID else draw(st.sampled_from([16, 16, 16, 4, 8, 32]))
     base = state_blocks(model, block_size)
-    counts = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    if disaggregated:  # a prefill pool and a decode pool, one or two replicas each
+        counts = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+        roles = ["prefill", "decode"]
+    else:
+        counts = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+        roles = ["aggregated"] * len(counts)
     groups = []
     total = 0
-    for count in counts:
-        count = min(count, 3 - total)
+    for count, role in zip(counts, roles, strict=True):
+        count = min(count, (4 if disaggregated else 3) - total)
         if count <= 0:
             break
         total += count
         group: dict = {"count": count}
+        if disaggregated:
+            group["role"] = role
         if draw(st.booleans()):
             group["engine"] = draw(engines(block_size, base, model, policies))
         groups.append(group)
+    cluster: dict = {"replicas": groups, "router": draw(routers())}
+    if disaggregated:
+        cluster["disaggregation"] = {
+            "link": {
+                "bandwidth_gb_per_s": draw(st.sampled_from([0.5, 5.0, 50.0])),
+                "latency_s": draw(st.sampled_from([0.0, 1e-4, 0.003])),
+            },
+            "local_prefill_threshold_tokens": draw(st.sampled_from([0, 0, 8, 32, 100])),
+        }
     experiment = {
         "model": model,
         "hardware": draw(st.sampled_from(["h100-sxm", "h200"])),
         "engine": draw(engines(block_size, base, model, policies)),
-        "cluster": {"replicas": groups, "router": draw(routers())},
+        "cluster": cluster,
         "workload": DUMMY_WORKLOAD,
         "outputs": {"step_log": True},
         "seed": draw(st.integers(0, 2**32)),

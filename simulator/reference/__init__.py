@@ -7,9 +7,13 @@ porting it to the core. Nothing here is shared with the core but the cost model
 
 * :mod:`.kvcache` -- a block-level KV cache: block ids, ref counts, an LRU free queue, a prefix
   index keyed by content (vLLM V1's block pool);
+* :mod:`.hosttier` -- the host-memory KV tier: leading blocks per content node, LRU over nodes;
 * :mod:`.request` -- a request's state and the content key of each of its blocks;
-* :mod:`.replica` -- the vLLM-V1 scheduler and the replica's schedule -> step -> step-end process;
-* :mod:`.cluster` -- request lifecycles, dependencies, the router, :func:`simulate_reference`.
+* :mod:`.replica` -- the vLLM-V1 scheduler and the replica's schedule -> step -> step-end
+  process; host loads, retention across tool gaps (session TTL, offload-and-prefetch),
+  prefill/decode hand-offs and KV moves;
+* :mod:`.cluster` -- request lifecycles, dependencies, routing (over the prefill and decode
+  pools when disaggregated), :func:`simulate_reference`.
 
 See docs/reference_model.md.
 """

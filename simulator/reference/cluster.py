@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from simulator.config import DisaggregationConfig
 from simulator.core.state import REJECT_REASONS
 from simulator.reference.replica import Replica, StepRecord
 from simulator.reference.request import ContentTree, Request, Status, make_requests
@@ -46,9 +47,19 @@ class ReferenceScopeError(ValueError):
 
 class Cluster:
     def __init__(
-        self, env: simpy.Environment, plans, router, wl: CompiledWorkload, seed: int = 0
+        self,
+        env: simpy.Environment,
+        plans,
+        router,
+        wl: CompiledWorkload,
+        seed: int = 0,
+        disaggregation: DisaggregationConfig | None = None,
     ) -> None:
         self.env = env
+        disaggregation = disaggregation or DisaggregationConfig()
+        self.link = disaggregation.link  # each decode replica's inbound KV link
+        self.local_prefill_threshold = disaggregation.local_prefill_threshold_tokens
+        self.disaggregated = any(getattr(p, "role", "aggregated") == "prefill" for p in plans)
         self.step_log: list[StepRecord] = []  # every engine step, in the order they start
         block_sizes = {int(p.block_size) for p in plans}
         if len(block_sizes) != 1:
@@ -108,21 +119,58 @@ class Cluster:
         self.dispatch(req)
 
     def dispatch(self, req: Request) -> None:
-        """Route ``req``; reject it if it can never run there, else queue it."""
+        """Route ``req``; reject it if it can never run there, else queue it.
+
+        Disaggregated: the decode replica is chosen first. The prompt is computed there when
+        the part it does not cache is shorter than ``local_prefill_threshold_tokens``, else on
+        a prefill replica; a request with one output token is served by a prefill replica
+        alone. A prefill replica only needs room for the prompt."""
         if req.parent_failed:
             self.reject(req, REASON_PARENT)
             return
         rep = self.router.route(req)
+        dst: Replica | None = None
+        if self.disaggregated:
+            dst = rep
+            local = req.output_tokens == 1
+            if not local and self.local_prefill_threshold > 0:
+                cap = (req.prompt_tokens - 1) // dst.block_size
+                hits = len(dst.pool.longest_hit(req.keys[:cap]))
+                uncached = req.prompt_tokens - hits * dst.block_size
+                local = uncached < self.local_prefill_threshold
+            if not local or req.output_tokens == 1:
+                rep = self.router.route(req, "prefill")
+            if rep is dst or req.output_tokens == 1:
+                dst = None
         req.replica = rep.index
         rep.routed += 1
-        if req.total_tokens > rep.max_model_len:
-            self.reject(req, REASON_MAX_MODEL_LEN)
-            return
-        # the last output token's KV is never computed
-        if rep.blocks_for(req.total_tokens - 1) + rep.state_blocks > rep.pool.num_blocks:
-            self.reject(req, REASON_KV_CAPACITY)
-            return
+        for target in (rep, dst):
+            if target is None:
+                continue
+            if req.total_tokens > target.max_model_len:
+                self.reject(req, REASON_MAX_MODEL_LEN)
+                return
+            # the last output token's KV is never computed
+            tokens = req.total_tokens - 1 if target is dst or dst is None else req.prompt_tokens
+            if target.blocks_for(tokens) + target.state_blocks > target.pool.num_blocks:
+                self.reject(req, REASON_KV_CAPACITY)
+                return
+        if dst is not None:
+            req.prefill_replica = rep.index
+            req.decode_replica = dst.index
+            dst.outstanding += 1
         rep.submit(req)
+
+    def transfer_done(self, req: Request) -> None:
+        """The KV of ``req`` reached its decode replica: the prefill replica lets it go, and
+        the request decodes on; both replicas schedule if idle."""
+        src = self.replicas[req.prefill_replica]
+        dst = self.replicas[req.decode_replica]
+        src.drop_prefill_copy(req)
+        req.status = Status.RUNNING
+        req.replica = dst.index
+        src.wake()
+        dst.wake()
 
     def reject(self, req: Request, reason: str) -> None:
         req.status = Status.REJECTED
@@ -185,6 +233,11 @@ class Cluster:
                 "e2e": finish - arrival,
                 "queue_time": sched - arrival,
                 "max_tbt": np.where(multi, [r.max_gap for r in reqs], math.nan),
+                "prefill_replica": np.array([r.prefill_replica for r in reqs], dtype=np.int64),
+                "decode_replica": np.array([r.decode_replica for r in reqs], dtype=np.int64),
+                "kv_transfer_bytes": np.array([r.xfer_bytes for r in reqs]),
+                "kv_wait": np.array([r.xfer_start - r.xfer_queued for r in reqs]),
+                "kv_transfer_time": np.array([r.xfer_end - r.xfer_start for r in reqs]),
                 "host_cached_tokens": np.array([r.host_hit_tokens for r in reqs], dtype=np.int64),
                 "host_load_time": np.array([r.load_end for r in reqs]) - sched,
             }
@@ -221,6 +274,7 @@ def run_reference(
     workload: CompiledWorkload | None = None,
     router=None,
     seed: int | None = None,
+    disaggregation: DisaggregationConfig | None = None,
 ) -> ReferenceResult:
     """Simulate with the reference model.
 
@@ -229,7 +283,8 @@ def run_reference(
     :class:`~simulator.simulate.ReplicaPlan`. ``router``: a policy name or a router config
     (default: the experiment's, else round robin). ``seed``: the seed of the router's draws and
     of the workload compilation (default: the experiment's, else 0). ``workload`` defaults to
-    the experiment's workload compiled with that seed.
+    the experiment's workload compiled with that seed. ``disaggregation``: the KV link and
+    the local-prefill threshold (default: the experiment's, else the defaults).
     """
     if isinstance(experiment_or_plans, list | tuple):
         plans = list(experiment_or_plans)
@@ -242,6 +297,7 @@ def run_reference(
         plans = plan_replicas(exp)
         router = router or exp.cluster.router
         seed = exp.seed if seed is None else seed
+        disaggregation = disaggregation or exp.cluster.disaggregation
         if workload is None:
             workload = compile_workload(exp.workload, seed)
     if not plans:
@@ -249,11 +305,9 @@ def run_reference(
     for plan in plans:
         if getattr(plan, "speculative", None) is not None:
             raise ReferenceScopeError("the reference model does not cover speculative decoding")
-        if getattr(plan, "role", "aggregated") != "aggregated":
-            raise ReferenceScopeError("the reference model does not cover disaggregated pools")
     validate_compiled(workload)
     env = simpy.Environment()
-    cluster = Cluster(env, plans, router, workload, seed)
+    cluster = Cluster(env, plans, router, workload, seed, disaggregation)
     env.run()
     return ReferenceResult(
         cluster.requests_frame(), cluster.replicas_frame(), cluster.steps_frame(), cluster

@@ -43,6 +43,17 @@ computed, and the request computes the rest of its prompt from the next step on.
   is started so that it lands ``prefetch_margin_s`` before the soonest such child is due, were
   all of them missing. When it lands the blocks become cached again, unreferenced, at the tail
   of the free queue.
+
+**Disaggregation.** A *prefill* replica that emits a request's first token (and more are to
+come) hands it to the decode replica chosen at dispatch: the request stays in its running list
+(``TRANSFERRING``: in no batch, never preempted) and keeps its blocks there, and joins the decode
+replica's FIFO queue of prefilled requests. Each time the decode replica schedules, it first
+takes requests from that queue while ``max_num_seqs`` allows: a prefix lookup over the full
+prompt blocks, blocks for the whole prompt (plus recurrent state), or it waits for blocks (after
+dropping pins); the prompt's full blocks are committed at once, and the KV it did not have
+cached moves over its inbound link, one transfer after the other (``latency + bytes /
+bandwidth``). When the move lands, the prefill replica frees the request's blocks (as at a
+finish) and the request decodes on the decode replica.
 """
 
 from __future__ import annotations
@@ -114,6 +125,16 @@ class Replica:
         self.ttl = float(getattr(plan, "ttl_s", 0.0))
         self.prefetch_margin = float(getattr(plan, "prefetch_margin_s", 0.0))
         self.pinned: list[Request] = []  # session TTL: finished requests holding blocks, oldest first
+        # disaggregation
+        self.role = getattr(plan, "role", "aggregated")
+        self.remote: deque[Request] = deque()  # decode role: prefilled requests awaiting blocks
+        link = cluster.link
+        self.link_bytes_per_s = link.bandwidth_gb_per_s * 1e9
+        self.link_latency = link.latency_s
+        self.link_free_at = 0.0
+        self.link_busy_seconds = 0.0
+        self.transfer_bytes_in = 0.0
+        self.transfers_in = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
         self.outstanding = 0  # dispatched here and not finished (the router reads it)
@@ -163,8 +184,8 @@ class Replica:
                 self.end_step(batch)
                 # the next batch is formed at this same time, after every event already due
                 yield env.timeout(0)
-            loading = any(r.status is Status.LOADING for r in self.running)
-            if (self.waiting or self.running) and not loading:  # a landing load wakes it
+            held = any(r.status in (Status.LOADING, Status.TRANSFERRING) for r in self.running)
+            if (self.waiting or self.running) and not held:  # a landing copy wakes it
                 raise SchedulerStuck(
                     f"replica {self.index}: {len(self.waiting)} waiting and {len(self.running)} "
                     "running requests, but no batch could be formed"
@@ -184,6 +205,8 @@ class Replica:
         return -(-num_tokens // self.block_size)
 
     def schedule(self) -> list[Scheduled]:
+        if self.remote:
+            self.start_transfers()
         budget = self.max_num_batched_tokens
         batch: list[Scheduled] = []
         preempted = False
@@ -192,7 +215,7 @@ class Replica:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.status is Status.LOADING:
+            if req.status is not Status.RUNNING:  # loading, or its KV is moving
                 i += 1
                 continue
             n = min(
@@ -266,7 +289,8 @@ class Replica:
             if first:
                 req.cached_tokens = num_computed
                 req.first_scheduled = self.env.now
-                self.cluster.unpin_parents(req)
+                if req.decode_replica < 0:  # else when its decode replica takes it
+                    self.cluster.unpin_parents(req)
             self.running.append(req)
             if loading:
                 self.start_load(req, tiered, host_only, first)
@@ -363,6 +387,9 @@ class Replica:
             else:
                 req.max_gap = max(req.max_gap, now - req.last_token)
             req.last_token = now
+            if req.num_output == 1 < req.output_tokens and self.role == "prefill":
+                self.hand_off(req)
+                continue
             if req.num_output >= req.output_tokens:
                 req.finished = now
                 done.append(req)
@@ -525,6 +552,64 @@ class Replica:
             self.prefetches += 1
             self.prefetch_blocks += added
 
+    # ------------------------------------------------------------------ disaggregation
+
+    def hand_off(self, req: Request) -> None:
+        """Prefill replica: ``req`` has its first token; its KV goes to its decode replica. Its
+        blocks here stay held (and it stays in the running list) until the move lands."""
+        req.status = Status.TRANSFERRING
+        req.prefill_copy = (req.block_table, req.num_committed, req.extra_blocks)
+        req.block_table, req.num_committed, req.extra_blocks = [], 0, []
+        req.xfer_queued = self.env.now
+        dst = self.cluster.replicas[req.decode_replica]
+        dst.remote.append(req)
+        dst.wake()
+
+    def start_transfers(self) -> None:
+        """Decode replica: give blocks to prefilled requests, first come first served, and
+        start moving the KV this replica does not cache over the inbound link."""
+        bs = self.block_size
+        while self.remote and len(self.running) < self.max_num_seqs:
+            req = self.remote[0]
+            prompt = req.prompt_tokens
+            hit = self.pool.longest_hit(req.keys[: prompt // bs])
+            table = self.blocks_for(prompt)
+            need = table - len(hit) + self.state_blocks
+            if need + self.pool.num_queued(hit) > self.pool.num_free:
+                if self.pinned:
+                    self.unpin_oldest()
+                    continue
+                return
+            self.remote.popleft()
+            self.pool.touch(hit)
+            blocks = self.pool.allocate(need)
+            req.block_table = hit + blocks[: table - len(hit)]
+            req.extra_blocks = blocks[table - len(hit) :]
+            req.num_committed = len(hit)
+            self.commit(req)  # the whole prompt arrives: its full blocks are cached here
+            self.cluster.unpin_parents(req)
+            self.running.append(req)
+            nbytes = (prompt - len(hit) * bs) * self.kv_bytes_per_token
+            start = max(self.env.now, self.link_free_at)
+            busy = nbytes / self.link_bytes_per_s
+            self.link_free_at = start + busy
+            self.link_busy_seconds += busy
+            self.transfer_bytes_in += nbytes
+            self.transfers_in += 1
+            req.xfer_start = start
+            req.xfer_end = start + busy + self.link_latency
+            req.xfer_bytes = nbytes
+            self.cluster.call_at(req.xfer_end, lambda req=req: self.cluster.transfer_done(req))
+
+    def drop_prefill_copy(self, req: Request) -> None:
+        """Prefill replica: the KV of ``req`` has moved; free its blocks here, as at a finish."""
+        table, committed, extra = req.prefill_copy
+        self.pool.free(reversed(table[committed:] + extra))
+        self.pool.free(reversed(table[:committed]))
+        req.prefill_copy = None
+        self.running.remove(req)
+        self.outstanding -= 1
+
     # ------------------------------------------------------------------ results
 
     def counters(self) -> dict:
@@ -552,6 +637,10 @@ class Replica:
             "pins_broken": self.pins_broken,
             "prefetches": self.prefetches,
             "prefetch_blocks": self.prefetch_blocks,
+            "role": self.role,
+            "kv_transfers_in": self.transfers_in,
+            "kv_transfer_bytes_in": self.transfer_bytes_in,
+            "kv_link_busy_seconds": self.link_busy_seconds,
         }
 
 

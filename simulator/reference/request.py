@@ -16,6 +16,7 @@ class Status(Enum):
     WAITING = "waiting"  # in a replica's waiting queue
     RUNNING = "running"
     LOADING = "loading"  # admitted; its prefix is being copied from the host tier
+    TRANSFERRING = "transferring"  # prefilled; its KV is moving to its decode replica
     FINISHED = "finished"
     REJECTED = "rejected"
 
@@ -58,6 +59,16 @@ class Request:
     retained: int = 0  # offload-and-prefetch: leading blocks offloaded when it finished
     host_hit_tokens: int = 0  # tokens of its first prefix hit copied from the host tier
     load_end: float = math.nan  # when that copy completed
+
+    # prefill/decode disaggregation (replica.py)
+    prefill_replica: int = -1  # where its prompt was computed, if not where it decodes
+    decode_replica: int = -1
+    # blocks still held on the prefill replica while the KV moves: (table, committed, extra)
+    prefill_copy: tuple[list[int], int, list[int]] | None = None
+    xfer_queued: float = math.nan  # prefill done, waiting for the decode replica's blocks
+    xfer_start: float = math.nan  # the move starts (blocks allocated, link free)
+    xfer_end: float = math.nan
+    xfer_bytes: float = 0.0  # what the decode replica did not have cached
 
     ready: float = math.nan
     arrived: float = math.nan
