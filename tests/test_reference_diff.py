@@ -408,3 +408,90 @@ def test_session_ttl_admitted_child_keeps_the_blocks_it_shares_with_its_parent()
     assert ref.requests["cached_tokens"].tolist() == [0, 48]
     problems = compare(core, ref)
     assert not problems, "\n".join(problems)
+
+
+def _evicted_session(policy: str = "lru", wait: float = 1.0) -> WorkloadBuilder:
+    """Turn 0 of a session computes 65 tokens of node A (4 full blocks) on an 8-block pool; an
+    unrelated 114-token request at t = 0.3 needs all 8 blocks, evicting A's 4 to the host;
+    turn 1 (100-token prompt) comes ``wait`` s after turn 0."""
+    b = WorkloadBuilder()
+    a = b.node(None, 200)
+    first = b.request([a], 64, 2)
+    b.request([b.node(None, 120)], 112, 2, arrival=0.3)
+    b.request([a], 100, 2, parents=[first], wait=wait)
+    return b
+
+
+def test_host_tier_load_delays_only_its_request():
+    """Turn 1 finds A's 4 blocks only in the host: it is admitted at its arrival, waits for a
+    4-block PCIe copy at the default 45.3 GB/s, then computes the other 36 prompt tokens."""
+    b = _evicted_session()
+    core, ref = agree(tier_scenario(b, host_blocks=20, num_gpu_blocks_override=8))
+    row = ref.requests.iloc[2]
+    assert row["cached_tokens"] == 64 and row["host_cached_tokens"] == 64
+    assert row["scheduled_time"] == row["arrival_time"]
+    assert row["host_load_time"] == pytest.approx(4 * 16 * 131072 / 45.3e9, rel=1e-12)
+    rep = ref.replicas.iloc[0]
+    assert (rep["host_loads"], rep["host_load_blocks"]) == (1, 4)
+    assert rep["host_stored_blocks"] == 4 + 7  # A's blocks, then the flood's, evicted by turn 1
+
+
+def test_host_tier_is_lru_over_nodes():
+    """A 2-block host tier: evicting A's 4 blocks stores them and keeps A's first 2 (a node
+    shrinks from its last block); the flood's own blocks, evicted later by nothing, never go."""
+    b = _evicted_session()
+    core, ref = agree(tier_scenario(b, host_blocks=2, num_gpu_blocks_override=8))
+    assert ref.requests["host_cached_tokens"].iloc[2] == 32
+    host = ref.cluster.replicas[0].host
+    assert host.num_used <= 2 and host.num_evicted >= 2
+
+
+def test_offload_prefetch_brings_the_session_back_before_its_next_turn():
+    """Offload-and-prefetch: turn 0's 4 blocks go to the host when it finishes; the flood
+    evicts them from the GPU; the prefetch copies them back before turn 1 arrives, which then
+    hits them on the GPU (no load)."""
+    b = _evicted_session()
+    core, ref = agree(
+        tier_scenario(
+            b, host_blocks=20, num_gpu_blocks_override=8,
+            retention={"policy": "offload_prefetch"},
+        )
+    )
+    row = ref.requests.iloc[2]
+    assert row["cached_tokens"] == 64 and row["host_cached_tokens"] == 0
+    rep = ref.replicas.iloc[0]
+    assert (rep["prefetches"], rep["prefetch_blocks"]) == (1, 4)
+
+
+def test_session_ttl_pin_expires_or_breaks():
+    """Session TTL on the same scenario: a 60 s pin keeps A's blocks, so the 8-block flood
+    breaks it (the pool cannot hold both); a 1 ms pin has expired before the flood."""
+    for ttl, broken in ((60.0, 1), (0.001, 0)):
+        b = _evicted_session()
+        core, ref = agree(
+            tier_scenario(
+                b, num_gpu_blocks_override=8,
+                retention={"policy": "session_ttl", "ttl_s": ttl},
+            )
+        )
+        rep = ref.replicas.iloc[0]
+        assert (rep["pins"], rep["pins_broken"]) == (1, broken)
+
+
+def test_disaggregated_hand_off_and_serialised_link():
+    """Two requests prefilled together on the prefill replica: both KV moves use the decode
+    replica's link one after the other, so the second waits for the first."""
+    b = WorkloadBuilder()
+    b.request([b.node(None, 200)], 160, 3)
+    b.request([b.node(None, 200)], 160, 3)
+    sc = scenario(b)
+    sc.experiment["cluster"] = {
+        "replicas": [{"count": 1, "role": "prefill"}, {"count": 1, "role": "decode"}],
+        "disaggregation": {"link": {"bandwidth_gb_per_s": 1.0, "latency_s": 0.001}},
+    }
+    core, ref = agree(sc)
+    df = ref.requests
+    assert df["prefill_replica"].tolist() == [0, 0] and df["replica"].tolist() == [1, 1]
+    move = 160 * 131072 / 1e9
+    assert df["kv_transfer_time"].tolist() == pytest.approx([move + 0.001] * 2, rel=1e-12)
+    assert df["kv_wait"].tolist() == pytest.approx([0.0, move], rel=1e-9, abs=1e-15)
