@@ -10,7 +10,6 @@ from simulator.config import ExperimentError, parse_experiment
 from simulator.invariants import check_result
 from simulator.reference import run_reference
 from simulator.reference.builder import WorkloadBuilder
-from simulator.reference.cluster import ReferenceScopeError
 from simulator.simulate import simulate
 
 KV_BYTES_LLAMA8B = 2 * 32 * 8 * 128 * 2  # bytes per token (REFERENCE.md §6)
@@ -253,22 +252,6 @@ def test_reference_model_agrees_on_the_tool_gap(exp):
     core = simulate(exp, workload=wl, progress=False)
     problems = compare(core, run_reference(exp, workload=wl))
     assert not problems, "\n".join(problems)
-
-
-def test_reference_model_declines_speculative_decoding():
-    wl, _ = _tool_gap_workload()
-    exp = parse_experiment(
-        {
-            "model": "llama-3.1-8b", "hardware": "h100-sxm",
-            "engine": {"speculative": {"method": "ngram", "num_speculative_tokens": 2,
-                                       "acceptance_rate": 0.5}},
-            "workload": {"kind": "requests", "num_requests": 1, "arrival": {"process": "burst"},
-                         "prompt_tokens": 10, "output_tokens": 2},
-        },
-        "spec.yaml",
-    )
-    with pytest.raises(ReferenceScopeError):
-        run_reference(exp, workload=wl)
 
 
 def test_tier_blocks_count_from_capacity():

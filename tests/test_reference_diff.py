@@ -27,9 +27,10 @@ from simulator.reference.builder import WorkloadBuilder
 from simulator.simulate import simulate
 
 MAX_EXAMPLES = 20_000 if MANY else 300
-MAX_TIER_EXAMPLES = 5_000 if MANY else 120
-MAX_TTL_EXAMPLES = 3_000 if MANY else 100
-MAX_DISAGG_EXAMPLES = 5_000 if MANY else 100
+MAX_TIER_EXAMPLES = 5_000 if MANY else 80
+MAX_TTL_EXAMPLES = 3_000 if MANY else 60
+MAX_DISAGG_EXAMPLES = 5_000 if MANY else 50
+MAX_SPEC_EXAMPLES = 5_000 if MANY else 50
 RTOL = 1e-9
 
 EXACT_REQUEST_COLUMNS = [
@@ -44,6 +45,9 @@ EXACT_REQUEST_COLUMNS = [
     "host_cached_tokens",
     "prefill_replica",
     "decode_replica",
+    "chunks",
+    "spec_proposed",
+    "spec_accepted",
 ]
 TIME_REQUEST_COLUMNS = [
     "ready_time",
@@ -77,6 +81,9 @@ EXACT_REPLICA_COLUMNS = [
     "prefetches",
     "prefetch_blocks",
     "kv_transfers_in",
+    "spec_proposed",
+    "spec_accepted",
+    "spec_verifies",
 ]
 EXACT_STEP_COLUMNS = [
     "replica",
@@ -119,7 +126,13 @@ def compare(core, ref, limit: int = 8) -> list[str]:
         x, y = core.replicas["routed_requests"].to_numpy(), ref.replicas["routed_requests"]
         for k in np.flatnonzero(x != y.to_numpy()):
             problems.append(f"replica {k}: routed_requests core={x[k]} reference={y[k]}")
-    for col in ("busy_seconds", "h2d_busy_seconds", "kv_transfer_bytes_in", "kv_link_busy_seconds"):
+    for col in (
+        "busy_seconds",
+        "h2d_busy_seconds",
+        "kv_transfer_bytes_in",
+        "kv_link_busy_seconds",
+        "draft_seconds",
+    ):
         x, y = core.replicas[col].to_numpy(), ref.replicas[col].to_numpy()
         for k in np.flatnonzero(~_close(x, y)):
             problems.append(f"replica {k}: {col} core={x[k]!r} reference={y[k]!r}")
@@ -213,6 +226,19 @@ def test_core_agrees_with_reference_with_session_ttl(sc: Scenario):
 def test_core_agrees_with_reference_disaggregated(sc: Scenario):
     """The same with prefill and decode pools: routing over both pools, conditional (local)
     prefill, hand-offs, block allocation and serialised KV moves on the decode side."""
+    _agree_with_tiers(sc)
+
+
+@settings(
+    max_examples=MAX_SPEC_EXAMPLES,
+    deadline=None,
+    derandomize=not MANY,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenarios(speculative=True))
+def test_core_agrees_with_reference_speculative(sc: Scenario):
+    """The same with speculative decoding on most replicas: drafts in the budget and the
+    blocks, draft passes in the step time, per-request acceptance, rollback, chunks."""
     _agree_with_tiers(sc)
 
 

@@ -233,10 +233,32 @@ def tiers(
 
 
 @st.composite
+def speculations(draw) -> dict:
+    """A speculative-decoding configuration: EAGLE heads (draft passes cost time) or n-gram
+    lookup, 1-4 drafts or k by batch size, fixed or Beta acceptance, position decay."""
+    spec: dict = {
+        "method": draw(st.sampled_from(["eagle", "ngram"])),
+        "num_speculative_tokens": draw(st.integers(1, 4)),
+        "acceptance_rate": draw(st.sampled_from([0.7, 0.0, 0.3, 0.9, 1.0])),
+    }
+    if draw(st.booleans()):
+        spec["acceptance_concentration"] = draw(st.sampled_from([0.5, 2.0, 20.0]))
+    if draw(st.booleans()):
+        spec["position_decay"] = draw(st.sampled_from([0.5, 0.9]))
+    if draw(st.integers(0, 3)) == 0:
+        spec["k_by_batch_size"] = draw(
+            st.sampled_from([[[1, 4], [3, 2], [8, 0]], [[2, 1]], [[1, 0], [4, 3]]])
+        )
+    return spec
+
+
+@st.composite
 def engines(
-    draw, block_size: int, base_blocks: int, model: str = "", policies: tuple = ()
+    draw, block_size: int, base_blocks: int, model: str = "", policies: tuple = (),
+    speculative: bool = False,
 ) -> dict:
-    """One engine; with ``policies`` (retention policy names), a host tier and one of them."""
+    """One engine; with ``policies`` (retention policy names), a host tier and one of them;
+    with ``speculative``, speculative decoding on most engines."""
     eng: dict = {
         "block_size": block_size,
         # small pools: several running requests outgrow them, so preemption is common; with
@@ -261,6 +283,8 @@ def engines(
         eng["max_model_len"] = draw(st.integers(2, 300))
     if policies:
         eng |= draw(tiers(model, block_size, eng["enable_prefix_caching"], policies))
+    if speculative:
+        eng["speculative"] = draw(speculations()) if draw(st.integers(0, 3)) > 0 else None
     return eng
 
 
@@ -297,13 +321,14 @@ def routers(draw) -> dict:
 @st.composite
 def scenarios(
     draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False,
-    policies: tuple = RETENTION_POLICIES, disaggregated: bool = False,
+    policies: tuple = RETENTION_POLICIES, disaggregated: bool = False, speculative: bool = False,
 ) -> Scenario:
     """A random scenario; ``with_tiers``: host tiers and the retention ``policies``;
     ``disaggregated``: prefill and decode pools (1-2 replicas each), a KV link of 0.5-50 GB/s,
-    and sometimes conditional (local) prefill."""
+    and sometimes conditional (local) prefill; ``speculative``: speculative decoding on most
+    replicas (on dense models)."""
     policies = policies if with_tiers else ()
-    model = draw(st.sampled_from(MODELS))
+    model = draw(st.sampled_from(MODELS[:3] if speculative else MODELS))
     block_size = 16 if model == HYBRID else draw(st.sampled_from([16, 16, 16, 4, 8, 32]))
     base = state_blocks(model, block_size)
     if disaggregated:  # a prefill pool and a decode pool, one or two replicas each
@@ -323,7 +348,7 @@ def scenarios(
         if disaggregated:
             group["role"] = role
         if draw(st.booleans()):
-            group["engine"] = draw(engines(block_size, base, model, policies))
+            group["engine"] = draw(engines(block_size, base, model, policies, speculative))
         groups.append(group)
     cluster: dict = {"replicas": groups, "router": draw(routers())}
     if disaggregated:
@@ -337,7 +362,7 @@ def scenarios(
     experiment = {
         "model": model,
         "hardware": draw(st.sampled_from(["h100-sxm", "h200"])),
-        "engine": draw(engines(block_size, base, model, policies)),
+        "engine": draw(engines(block_size, base, model, policies, speculative)),
         "cluster": cluster,
         "workload": DUMMY_WORKLOAD,
         "outputs": {"step_log": True},
@@ -430,17 +455,21 @@ def test_scenarios_reach_the_hard_cases():
 
 
 @pytest.mark.parametrize(
-    "policies,examples,wanted",
+    "kind,examples,wanted",
     [
-        (("offload_prefetch", "lru"), 120,
+        ({"with_tiers": True, "policies": ("offload_prefetch", "lru")}, 100,
          ("host_loads", "host_evicted_blocks", "prefetches")),
-        (("session_ttl",), 100, ("pins", "pins_broken", "evicted_blocks")),
+        ({"with_tiers": True, "policies": ("session_ttl",)}, 50,
+         ("pins", "pins_broken", "evicted_blocks")),
+        ({"disaggregated": True}, 40, ("kv_transfers_in", "evicted_blocks")),
+        ({"speculative": True}, 40, ("spec_accepted", "draft_seconds")),
     ],
-    ids=["prefetch", "ttl"],
+    ids=["prefetch", "ttl", "disagg", "specdec"],
 )
-def test_tier_scenarios_reach_the_host_tier_and_retention(policies, examples, wanted):
-    """The tier scenarios of the differential tests (same strategies, same example counts)
-    load from the host, evict from it, prefetch; pin, break pins under pressure."""
+def test_feature_scenarios_reach_their_features(kind, examples, wanted):
+    """The strategies of the feature tests of test_reference_diff.py load from the host tier,
+    evict from it, prefetch; pin and break pins; move KV between pools; accept drafts and pay
+    for draft passes (checked on fewer examples than those tests run)."""
     seen = Counter()
 
     @settings(
@@ -450,7 +479,7 @@ def test_tier_scenarios_reach_the_host_tier_and_retention(policies, examples, wa
         database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
-    @given(scenarios(with_tiers=True, policies=policies))
+    @given(scenarios(**kind))
     def check(sc):
         res = run_core(sc)
         for key in wanted:

@@ -33,6 +33,7 @@ from simulator.reference.replica import Replica, StepRecord
 from simulator.reference.request import ContentTree, Request, Status, make_requests
 from simulator.reference.router import Router
 from simulator.simulate import plan_replicas
+from simulator.specdec import draw_alphas
 from simulator.workload.compile import compile_workload
 from simulator.workload.compiled import CompiledWorkload, validate_compiled
 
@@ -40,10 +41,6 @@ REASON_MAX_MODEL_LEN = REJECT_REASONS[1]
 REASON_KV_CAPACITY = REJECT_REASONS[2]
 REASON_PARENT = REJECT_REASONS[3]
 
-
-
-class ReferenceScopeError(ValueError):
-    """A feature the fast core has and the reference model (deliberately) does not."""
 
 class Cluster:
     def __init__(
@@ -66,6 +63,13 @@ class Cluster:
             raise ValueError(f"replicas must share one block size (got {sorted(block_sizes)})")
         self.tree = ContentTree(wl, block_sizes.pop())
         self.requests = make_requests(self.tree)
+        self.seed = seed  # of the router's and the acceptance draws
+        # speculative decoding: one acceptance profile per distinct configuration, in order
+        self.spec_profiles: dict[str, int] = {}
+        for plan in plans:
+            spec = getattr(plan, "speculative", None)
+            if spec is not None:
+                self.spec_profiles.setdefault(spec.model_dump_json(), len(self.spec_profiles))
         self.replicas = [Replica(env, i, plan, self) for i, plan in enumerate(plans)]
         self.router = Router(router, self.replicas, seed)
         if self.router.staleness > 0.0:
@@ -81,6 +85,15 @@ class Cluster:
         req.arrived = self.env.now + delay
         arrival = self.env.timeout(delay)  # created now: see the module docstring
         self.env.process(self.request_process(req, arrival))
+
+    def acceptance(self, plan) -> np.ndarray:
+        """Per-request draft acceptance probability on replicas of ``plan`` (zeros without
+        speculative decoding), drawn as the core draws it (:func:`simulator.specdec.draw_alphas`)."""
+        spec = getattr(plan, "speculative", None)
+        if spec is None:
+            return np.zeros(len(self.requests))
+        profile = self.spec_profiles[spec.model_dump_json()]
+        return draw_alphas(spec, len(self.requests), self.seed, profile)
 
     def call_at(self, when: float, action) -> None:
         """Run ``action()`` at simulated time ``when`` (>= now), as an event created now.
@@ -233,6 +246,16 @@ class Cluster:
                 "e2e": finish - arrival,
                 "queue_time": sched - arrival,
                 "max_tbt": np.where(multi, [r.max_gap for r in reqs], math.nan),
+                # a chunk is a token on replicas that do not speculate
+                "chunks": np.array(
+                    [
+                        r.chunks if r.replica >= 0 and self.replicas[r.replica].spec else r.num_output
+                        for r in reqs
+                    ],
+                    dtype=np.int64,
+                ),
+                "spec_proposed": np.array([r.spec_proposed for r in reqs], dtype=np.int64),
+                "spec_accepted": np.array([r.spec_accepted for r in reqs], dtype=np.int64),
                 "prefill_replica": np.array([r.prefill_replica for r in reqs], dtype=np.int64),
                 "decode_replica": np.array([r.decode_replica for r in reqs], dtype=np.int64),
                 "kv_transfer_bytes": np.array([r.xfer_bytes for r in reqs]),
@@ -302,9 +325,6 @@ def run_reference(
             workload = compile_workload(exp.workload, seed)
     if not plans:
         raise ValueError("no replicas")
-    for plan in plans:
-        if getattr(plan, "speculative", None) is not None:
-            raise ReferenceScopeError("the reference model does not cover speculative decoding")
     validate_compiled(workload)
     env = simpy.Environment()
     cluster = Cluster(env, plans, router, workload, seed, disaggregation)

@@ -54,16 +54,29 @@ dropping pins); the prompt's full blocks are committed at once, and the KV it di
 cached moves over its inbound link, one transfer after the other (``latency + bytes /
 bandwidth``). When the move lands, the prefill replica frees the request's blocks (as at a
 finish) and the request decodes on the decode replica.
+
+**Speculative decoding** (simulator/specdec.py). The draft length ``k`` of a step comes from the
+number of running requests when the batch is formed (``k_by_batch_size``, else
+``num_speculative_tokens``). A running request that decodes verifies ``min(k, outputs still to
+come - 1)`` drafts as well: ``1 + drafts`` tokens of budget and blocks (capped like any chunk).
+A drafter that is a model (not n-gram lookup) adds ``k`` draft passes over the requests that
+emit a token in the step to its duration. At the step end the drafts are accepted in order,
+draft ``i`` with probability ``alpha x decay**i`` (the request's ``alpha``, a counter-based draw
+per request, output position and draft), up to the first rejection; the rejected positions are
+rolled back (their blocks stay allocated) and the request emits ``accepted + 1`` tokens at once,
+one chunk.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import simpy
 
+from simulator.core.uniform import uniform
 from simulator.costmodel import step_seconds
 from simulator.reference.hosttier import HostTier
 from simulator.reference.kvcache import BlockKey, BlockPool
@@ -75,8 +88,9 @@ if TYPE_CHECKING:
 
 class Scheduled(NamedTuple):
     request: Request
-    num_new: int  # tokens computed in this step
+    num_new: int  # tokens computed in this step (drafts included)
     num_context: int  # tokens already computed before it
+    num_drafts: int = 0  # speculative decoding: draft tokens it verifies
 
 
 class StepRecord(NamedTuple):
@@ -125,6 +139,15 @@ class Replica:
         self.ttl = float(getattr(plan, "ttl_s", 0.0))
         self.prefetch_margin = float(getattr(plan, "prefetch_margin_s", 0.0))
         self.pinned: list[Request] = []  # session TTL: finished requests holding blocks, oldest first
+        # speculative decoding
+        self.spec = getattr(plan, "speculative", None)
+        self.draft_params = getattr(plan, "draft_params", None)
+        self.alpha = cluster.acceptance(plan)  # per request
+        self.k = 0  # drafts per decode in the current step
+        self.spec_proposed = 0
+        self.spec_accepted = 0
+        self.spec_verifies = 0
+        self.draft_seconds = 0.0
         # disaggregation
         self.role = getattr(plan, "role", "aggregated")
         self.remote: deque[Request] = deque()  # decode role: prefilled requests awaiting blocks
@@ -204,12 +227,23 @@ class Replica:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def draft_length(self) -> int:
+        """Speculative decoding: drafts per decode in the step being formed (0 = none)."""
+        if self.spec is None:
+            return 0
+        rows = self.spec.k_by_batch_size or [(math.inf, self.spec.num_speculative_tokens)]
+        for max_running, k in rows:
+            if len(self.running) <= max_running:
+                return k
+        return rows[-1][1]
+
     def schedule(self) -> list[Scheduled]:
         if self.remote:
             self.start_transfers()
         budget = self.max_num_batched_tokens
         batch: list[Scheduled] = []
         preempted = False
+        self.k = self.draft_length()
 
         # 1. running requests, in admission order
         i = 0
@@ -218,14 +252,16 @@ class Replica:
             if req.status is not Status.RUNNING:  # loading, or its KV is moving
                 i += 1
                 continue
-            n = min(
-                req.num_tokens - req.num_computed,
-                budget,
-                self.max_model_len - 1 - req.num_computed,
-            )
+            wanted = req.num_tokens - req.num_computed
+            drafts = 0
+            if self.k > 0 and wanted == 1 and req.num_output > 0:
+                drafts = min(self.k, req.output_tokens - req.num_output - 1)
+                wanted = 1 + drafts
+            n = min(wanted, budget, self.max_model_len - 1 - req.num_computed)
             if n <= 0:
                 i += 1
                 continue
+            drafts = min(drafts, n - 1)
             need = self.blocks_for(req.num_computed + n) - len(req.block_table)
             while need > self.pool.num_free and self.pinned:
                 self.unpin_oldest()
@@ -241,7 +277,7 @@ class Replica:
                 break  # it preempted itself: nothing after it runs either
             if need > 0:
                 req.block_table += self.pool.allocate(need)
-            self.compute(req, n, batch)
+            self.compute(req, n, batch, drafts)
             budget -= n
             i += 1
 
@@ -300,9 +336,9 @@ class Replica:
             budget -= n
         return batch
 
-    def compute(self, req: Request, n: int, batch: list[Scheduled]) -> None:
+    def compute(self, req: Request, n: int, batch: list[Scheduled], drafts: int = 0) -> None:
         """Put ``n`` tokens of ``req`` in the batch; commit the blocks they complete."""
-        batch.append(Scheduled(req, n, req.num_computed))
+        batch.append(Scheduled(req, n, req.num_computed, drafts))
         req.num_computed += n
         req.scheduled_tokens += n
         self.commit(req)
@@ -311,7 +347,8 @@ class Replica:
         """Enter the full blocks ``req`` has computed (or loaded) into the prefix index."""
         if not self.pool.enable_caching:
             return
-        for i in range(req.num_committed, req.num_computed // self.block_size):
+        known = min(req.num_computed, req.num_tokens)  # drafts are not content yet
+        for i in range(req.num_committed, known // self.block_size):
             own = req.block_table[i]
             block = self.pool.commit(own, req.keys[i])
             if block != own:  # already cached elsewhere: use that copy, free ours
@@ -341,11 +378,23 @@ class Replica:
     def step_duration(self, batch: list[Scheduled]) -> float:
         new = np.array([s.num_new for s in batch], dtype=np.int64)
         context = np.array([s.num_context for s in batch], dtype=np.int64)
-        return float(step_seconds(self.cost_params, new, context, len(batch)))
+        seconds = float(step_seconds(self.cost_params, new, context, len(batch)))
+        if self.k > 0 and self.spec.method != "ngram":
+            # k draft passes over the sequences that emit a token in this step
+            emitting = [s.request for s in batch if s.request.num_computed >= s.request.num_tokens]
+            if emitting:
+                ones = np.ones(len(emitting), dtype=np.int64)
+                context = np.array([r.num_tokens for r in emitting], dtype=np.int64)
+                draft = self.k * float(
+                    step_seconds(self.draft_params, ones, context, len(emitting))
+                )
+                self.draft_seconds += draft
+                seconds += draft
+        return seconds
 
     @staticmethod
     def is_decode(s: Scheduled) -> bool:
-        return s.num_new == 1 and s.request.num_output > 0
+        return s.num_new - s.num_drafts == 1 and s.request.num_output > 0
 
     def record_step(self, batch: list[Scheduled], seconds: float) -> None:
         now = self.env.now
@@ -379,15 +428,18 @@ class Replica:
                 self.prefill_tokens += s.num_new
             if req.num_computed < req.num_tokens:
                 continue  # a prefill chunk short of the prompt's end: no token yet
-            req.num_output += 1
-            req.num_tokens += 1
-            if req.num_output == 1:
+            tokens = 1 + self.verify(req, s.num_drafts) if s.num_drafts else 1
+            if self.spec is not None:
+                req.chunks += 1
+            req.num_output += tokens
+            req.num_tokens += tokens
+            if req.num_output == tokens:
                 req.first_token = now
                 self.pending_prefill_tokens -= req.prompt_tokens
             else:
                 req.max_gap = max(req.max_gap, now - req.last_token)
             req.last_token = now
-            if req.num_output == 1 < req.output_tokens and self.role == "prefill":
+            if req.num_output == tokens < req.output_tokens and self.role == "prefill":
                 self.hand_off(req)
                 continue
             if req.num_output >= req.output_tokens:
@@ -402,6 +454,24 @@ class Replica:
         self.running = [r for r in self.running if r.status is not Status.FINISHED]
         for req in done:
             self.cluster.request_done(req)
+
+    def verify(self, req: Request, drafts: int) -> int:
+        """Accept ``req``'s drafts in order up to the first rejection; roll back the rest.
+        Returns the number accepted."""
+        alpha = self.alpha[req.request_id]
+        accepted = 0
+        while accepted < drafts:
+            u = uniform(self.cluster.seed, req.request_id, req.num_output, accepted)
+            if u >= alpha * self.spec.position_decay**accepted:
+                break
+            accepted += 1
+        req.num_computed -= drafts - accepted
+        req.spec_proposed += drafts
+        req.spec_accepted += accepted
+        self.spec_proposed += drafts
+        self.spec_accepted += accepted
+        self.spec_verifies += 1
+        return accepted
 
     # ------------------------------------------------------------------ host tier
 
@@ -637,6 +707,10 @@ class Replica:
             "pins_broken": self.pins_broken,
             "prefetches": self.prefetches,
             "prefetch_blocks": self.prefetch_blocks,
+            "draft_seconds": self.draft_seconds,
+            "spec_proposed": self.spec_proposed,
+            "spec_accepted": self.spec_accepted,
+            "spec_verifies": self.spec_verifies,
             "role": self.role,
             "kv_transfers_in": self.transfers_in,
             "kv_transfer_bytes_in": self.transfer_bytes_in,

@@ -54,6 +54,11 @@ class Request:
     num_committed: int = 0  # leading entries of block_table that are in the prefix index
     extra_blocks: list[int] = field(default_factory=list)  # recurrent state, never cached
 
+    # speculative decoding (replica.py)
+    chunks: int = 0  # token emissions on speculating replicas (several tokens each)
+    spec_proposed: int = 0  # draft tokens verified for it
+    spec_accepted: int = 0
+
     # retention across tool gaps (replica.py) and the host tier
     pinned: bool = False  # session TTL: finished, still holding its committed blocks
     retained: int = 0  # offload-and-prefetch: leading blocks offloaded when it finished
