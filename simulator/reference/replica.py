@@ -266,7 +266,7 @@ class Replica:
             while need > self.pool.num_free and self.pinned:
                 self.unpin_oldest()
             while need > self.pool.num_free:
-                # the newest running request that is not loading
+                # the newest running request that is not loading or handing over its KV
                 victim = next(r for r in reversed(self.running) if r.status is Status.RUNNING)
                 self.running.remove(victim)
                 self.preempt(victim)
