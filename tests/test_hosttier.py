@@ -10,7 +10,6 @@ from simulator.config import ExperimentError, parse_experiment
 from simulator.invariants import check_result
 from simulator.reference import run_reference
 from simulator.reference.builder import WorkloadBuilder
-from simulator.reference.cluster import ReferenceScopeError
 from simulator.simulate import simulate
 
 KV_BYTES_LLAMA8B = 2 * 32 * 8 * 128 * 2  # bytes per token (REFERENCE.md §6)
@@ -230,11 +229,29 @@ def test_host_tier_smaller_than_one_block_is_an_error():
         simulate(exp, progress=False)
 
 
-def test_reference_model_declines_what_it_does_not_cover():
+@pytest.mark.parametrize(
+    "exp",
+    [
+        _exp(host_blocks=1000),
+        _exp(host_blocks=120),
+        _exp(policy="session_ttl", ttl_s=60.0),
+        _exp(policy="session_ttl", ttl_s=0.5),
+        _exp(blocks=180, policy="session_ttl", ttl_s=60.0),
+        _exp(host_blocks=1000, policy="offload_prefetch"),
+        _exp(host_blocks=50, policy="offload_prefetch", prefetch_margin_s=60.0),
+    ],
+    ids=["host", "small-host", "ttl", "ttl-expires", "ttl-breaks", "prefetch", "prefetch-small"],
+)
+def test_reference_model_agrees_on_the_tool_gap(exp):
+    """The SimPy reference (simulator/reference/) covers the host tier and retention: the same
+    times and counters as the core (the random scenarios: tests/test_reference_diff.py)."""
+    from test_reference_diff import compare
+
     wl, _ = _tool_gap_workload()
-    for exp in (_exp(host_blocks=100), _exp(policy="session_ttl")):
-        with pytest.raises(ReferenceScopeError):
-            run_reference(exp, workload=wl)
+    exp = exp.model_copy(update={"outputs": exp.outputs.model_copy(update={"step_log": True})})
+    core = simulate(exp, workload=wl, progress=False)
+    problems = compare(core, run_reference(exp, workload=wl))
+    assert not problems, "\n".join(problems)
 
 
 def test_tier_blocks_count_from_capacity():

@@ -1,6 +1,10 @@
 """Random small scenarios (experiment + hand-built workload) for the differential tests.
 
-``scenarios()`` is a hypothesis strategy. A scenario has 1-3 replicas (possibly in groups with
+``scenarios()`` is a hypothesis strategy; ``scenarios(tiers=True)`` adds, on replicas with
+prefix caching, a small host KV tier (a few blocks, so it evicts; slow or fast PCIe) and a
+retention policy (session TTL from 1 ms to 60 s, offload-and-prefetch with margins), with tool
+waits up to a few seconds so that protections expire and prefetches run. A scenario has 1-3
+replicas (possibly in groups with
 different engines), each router, tiny KV pools (eviction, preemption, capacity rejections),
 small ``max_num_seqs`` / ``max_num_batched_tokens`` (chunked prefill), caching on or off, and a
 workload built on a content tree: shared scaffolds, lone requests, requests whose prompts end
@@ -20,6 +24,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,13 +86,19 @@ TIMES = st.sampled_from([0.0, 0.0, 0.0, 0.001, 0.01, 0.05, 0.2, 1.0]) | st.float
 WAITS = st.sampled_from([0.0, 0.0, 0.0, 0.001, 0.02]) | st.floats(
     0.0, 0.5, allow_nan=False, allow_infinity=False
 )
+# tool waits for the retention policies: long enough for TTLs to expire and prefetches to run
+TOOL_WAITS = st.sampled_from([0.0, 0.0, 0.001, 0.02, 0.1, 0.5, 2.0]) | st.floats(
+    0.0, 3.0, allow_nan=False, allow_infinity=False
+)
 FRESH = st.integers(0, 60)
 OUTPUT = st.integers(1, 24) | st.integers(1, 70)
 EXTRA = st.integers(0, 20)  # tokens a node holds past the request (later turns)
 
 
 @st.composite
-def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
+def workloads(draw, max_requests: int = MAX_REQUESTS, waits=WAITS) -> CompiledWorkload:
+    """A workload; ``waits``: the strategy of the waits of requests that have parents (tool
+    calls; requests without parents always draw from WAITS)."""
     b = WorkloadBuilder()
     scaffolds: list[list[int]] = [[]]  # paths of shared prefixes; [] = no prefix
     for _ in range(draw(st.integers(0, 3))):
@@ -132,7 +143,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                     start + before + f,
                     o,
                     arrival,
-                    draw(WAITS),
+                    draw(WAITS if prev is None else waits),
                     parents=[] if prev is None else [prev],
                     session=session,
                 )
@@ -150,7 +161,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                         prefix + [trunk, leaf],
                         b.end(trunk) + f,
                         o,
-                        wait=draw(WAITS),
+                        wait=draw(waits),
                         parents=[r0],
                         session=r0,
                     )
@@ -162,7 +173,7 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
                     prefix + [trunk, leaf],
                     b.end(trunk) + f,
                     o,
-                    wait=draw(WAITS),
+                    wait=draw(waits),
                     parents=kids,
                     session=r0,
                 )
@@ -180,21 +191,100 @@ def workloads(draw, max_requests: int = MAX_REQUESTS) -> CompiledWorkload:
     return b.build()
 
 
+@functools.cache
+def block_bytes(model: str, block_size: int) -> int:
+    """Bytes of one KV block of ``model`` (the unit of the host tier's capacity)."""
+    exp = parse_experiment(
+        {
+            "model": model,
+            "hardware": "h100-sxm",
+            "engine": {"block_size": block_size},
+            "workload": DUMMY_WORKLOAD,
+        }
+    )
+    return plan_replicas(exp)[0].kv_bytes_per_token * block_size
+
+
+# the first is the one hypothesis draws most (its simplest value)
+RETENTION_POLICIES = ("offload_prefetch", "session_ttl", "lru")
+
+
 @st.composite
-def engines(draw, block_size: int, base_blocks: int) -> dict:
+def tiers(
+    draw, model: str, block_size: int, caching: bool, policies: tuple = RETENTION_POLICIES
+) -> dict:
+    """Engine fields of a host tier and a retention policy (both need prefix caching)."""
+    if not caching:
+        return {"kv_host_tier": None, "retention": {"policy": "lru"}}
+    policy = draw(st.sampled_from(policies))
+    retention: dict = {"policy": policy}
+    if policy == "session_ttl":
+        retention["ttl_s"] = draw(st.sampled_from([0.001, 0.01, 0.05, 0.3, 2.0, 60.0]))
+    if policy == "offload_prefetch":
+        retention["prefetch_margin_s"] = draw(st.sampled_from([0.0, 0.0, 0.001, 0.01, 0.1]))
+    host = None
+    if policy == "offload_prefetch" or draw(st.integers(0, 3)) < 3:
+        blocks = draw(st.integers(1, 6) | st.integers(1, 40))
+        host = {
+            "capacity_gb": blocks * block_bytes(model, block_size) / 1e9,
+            "h2d_gb_per_s": draw(st.sampled_from([0.2, 1.0, 5.0, 45.3])),
+        }
+    return {"kv_host_tier": host, "retention": retention}
+
+
+@st.composite
+def speculations(draw) -> dict:
+    """A speculative-decoding configuration: EAGLE heads (draft passes cost time) or n-gram
+    lookup, 1-4 drafts or k by batch size, fixed or Beta acceptance, position decay."""
+    spec: dict = {
+        "method": draw(st.sampled_from(["eagle", "ngram"])),
+        "num_speculative_tokens": draw(st.integers(1, 4)),
+        "acceptance_rate": draw(st.sampled_from([0.7, 0.0, 0.3, 0.9, 1.0])),
+    }
+    if draw(st.booleans()):
+        spec["acceptance_concentration"] = draw(st.sampled_from([0.5, 2.0, 20.0]))
+    if draw(st.booleans()):
+        spec["position_decay"] = draw(st.sampled_from([0.5, 0.9]))
+    if draw(st.integers(0, 3)) == 0:
+        spec["k_by_batch_size"] = draw(
+            st.sampled_from([[[1, 4], [3, 2], [8, 0]], [[2, 1]], [[1, 0], [4, 3]]])
+        )
+    return spec
+
+
+@st.composite
+def engines(
+    draw, block_size: int, base_blocks: int, model: str = "", policies: tuple = (),
+    speculative: bool = False,
+) -> dict:
+    """One engine; with ``policies`` (retention policy names), a host tier and one of them;
+    with ``speculative``, speculative decoding on most engines."""
     eng: dict = {
         "block_size": block_size,
-        # small pools: several running requests outgrow them, so preemption is common
+        # small pools: several running requests outgrow them, so preemption is common; with
+        # tiers, pools that fit most requests yet evict all the time (requests that are
+        # rejected, and their children, would test nothing)
         "num_gpu_blocks_override": base_blocks
-        + draw(st.integers(2, 6) | st.integers(1, 12) | st.integers(1, 80)),
+        + draw(
+            st.integers(3, 12) | st.integers(6, 40)
+            if policies
+            else st.integers(2, 6) | st.integers(1, 12) | st.integers(1, 80)
+        ),
         "max_num_seqs": draw(st.integers(1, 8)),
         "max_num_batched_tokens": draw(
             st.sampled_from([1, 7, 16, 32, 64, 2048]) | st.integers(1, 300)
         ),
-        "enable_prefix_caching": draw(st.booleans()),
+        # the host tier and retention policies need prefix caching: mostly on with them
+        "enable_prefix_caching": draw(
+            st.sampled_from([True, True, True, False]) if policies else st.booleans()
+        ),
     }
-    if draw(st.integers(0, 4)) == 0:
+    if draw(st.integers(0, 9 if policies else 4)) == 0:
         eng["max_model_len"] = draw(st.integers(2, 300))
+    if policies:
+        eng |= draw(tiers(model, block_size, eng["enable_prefix_caching"], policies))
+    if speculative:
+        eng["speculative"] = draw(speculations()) if draw(st.integers(0, 3)) > 0 else None
     return eng
 
 
@@ -229,32 +319,57 @@ def routers(draw) -> dict:
 
 
 @st.composite
-def scenarios(draw, max_requests: int = MAX_REQUESTS) -> Scenario:
-    model = draw(st.sampled_from(MODELS))
+def scenarios(
+    draw, max_requests: int = MAX_REQUESTS, with_tiers: bool = False,
+    policies: tuple = RETENTION_POLICIES, disaggregated: bool = False, speculative: bool = False,
+) -> Scenario:
+    """A random scenario; ``with_tiers``: host tiers and the retention ``policies``;
+    ``disaggregated``: prefill and decode pools (1-2 replicas each), a KV link of 0.5-50 GB/s,
+    and sometimes conditional (local) prefill; ``speculative``: speculative decoding on most
+    replicas (on dense models)."""
+    policies = policies if with_tiers else ()
+    model = draw(st.sampled_from(MODELS[:3] if speculative else MODELS))
     block_size = 16 if model == HYBRID else draw(st.sampled_from([16, 16, 16, 4, 8, 32]))
     base = state_blocks(model, block_size)
-    counts = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    if disaggregated:  # a prefill pool and a decode pool, one or two replicas each
+        counts = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+        roles = ["prefill", "decode"]
+    else:
+        counts = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+        roles = ["aggregated"] * len(counts)
     groups = []
     total = 0
-    for count in counts:
-        count = min(count, 3 - total)
+    for count, role in zip(counts, roles, strict=True):
+        count = min(count, (4 if disaggregated else 3) - total)
         if count <= 0:
             break
         total += count
         group: dict = {"count": count}
+        if disaggregated:
+            group["role"] = role
         if draw(st.booleans()):
-            group["engine"] = draw(engines(block_size, base))
+            group["engine"] = draw(engines(block_size, base, model, policies, speculative))
         groups.append(group)
+    cluster: dict = {"replicas": groups, "router": draw(routers())}
+    if disaggregated:
+        cluster["disaggregation"] = {
+            "link": {
+                "bandwidth_gb_per_s": draw(st.sampled_from([0.5, 5.0, 50.0])),
+                "latency_s": draw(st.sampled_from([0.0, 1e-4, 0.003])),
+            },
+            "local_prefill_threshold_tokens": draw(st.sampled_from([0, 0, 8, 32, 100])),
+        }
     experiment = {
         "model": model,
         "hardware": draw(st.sampled_from(["h100-sxm", "h200"])),
-        "engine": draw(engines(block_size, base)),
-        "cluster": {"replicas": groups, "router": draw(routers())},
+        "engine": draw(engines(block_size, base, model, policies, speculative)),
+        "cluster": cluster,
         "workload": DUMMY_WORKLOAD,
         "outputs": {"step_log": True},
         "seed": draw(st.integers(0, 2**32)),
     }
-    return Scenario(experiment, draw(workloads(max_requests)))
+    waits = TOOL_WAITS if with_tiers else WAITS
+    return Scenario(experiment, draw(workloads(max_requests, waits)))
 
 
 def run_core(sc: Scenario):
@@ -336,4 +451,41 @@ def test_scenarios_reach_the_hard_cases():
         "chunked",
         "tied_arrivals",
     ):
+        assert seen[key] >= 3, (key, seen)
+
+
+@pytest.mark.parametrize(
+    "kind,examples,wanted",
+    [
+        ({"with_tiers": True, "policies": ("offload_prefetch", "lru")}, 100,
+         ("host_loads", "host_evicted_blocks", "prefetches")),
+        ({"with_tiers": True, "policies": ("session_ttl",)}, 50,
+         ("pins", "pins_broken", "evicted_blocks")),
+        ({"disaggregated": True}, 40, ("kv_transfers_in", "evicted_blocks")),
+        ({"speculative": True}, 40, ("spec_accepted", "draft_seconds")),
+    ],
+    ids=["prefetch", "ttl", "disagg", "specdec"],
+)
+def test_feature_scenarios_reach_their_features(kind, examples, wanted):
+    """The strategies of the feature tests of test_reference_diff.py load from the host tier,
+    evict from it, prefetch; pin and break pins; move KV between pools; accept drafts and pay
+    for draft passes (checked on fewer examples than those tests run)."""
+    seen = Counter()
+
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(scenarios(**kind))
+    def check(sc):
+        res = run_core(sc)
+        for key in wanted:
+            seen[key] += int(res.replicas[key].sum() > 0)
+        assert math.isfinite(res.summary()["simulated_seconds"])
+
+    check()
+    for key in wanted:
         assert seen[key] >= 3, (key, seen)

@@ -27,11 +27,13 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from simulator.config import DisaggregationConfig
 from simulator.core.state import REJECT_REASONS
 from simulator.reference.replica import Replica, StepRecord
-from simulator.reference.request import Request, Status, make_requests
+from simulator.reference.request import ContentTree, Request, Status, make_requests
 from simulator.reference.router import Router
 from simulator.simulate import plan_replicas
+from simulator.specdec import draw_alphas
 from simulator.workload.compile import compile_workload
 from simulator.workload.compiled import CompiledWorkload, validate_compiled
 
@@ -40,20 +42,34 @@ REASON_KV_CAPACITY = REJECT_REASONS[2]
 REASON_PARENT = REJECT_REASONS[3]
 
 
-
-class ReferenceScopeError(ValueError):
-    """A feature the fast core has and the reference model (deliberately) does not."""
-
 class Cluster:
     def __init__(
-        self, env: simpy.Environment, plans, router, wl: CompiledWorkload, seed: int = 0
+        self,
+        env: simpy.Environment,
+        plans,
+        router,
+        wl: CompiledWorkload,
+        seed: int = 0,
+        disaggregation: DisaggregationConfig | None = None,
     ) -> None:
         self.env = env
+        disaggregation = disaggregation or DisaggregationConfig()
+        self.link = disaggregation.link  # each decode replica's inbound KV link
+        self.local_prefill_threshold = disaggregation.local_prefill_threshold_tokens
+        self.disaggregated = any(getattr(p, "role", "aggregated") == "prefill" for p in plans)
         self.step_log: list[StepRecord] = []  # every engine step, in the order they start
         block_sizes = {int(p.block_size) for p in plans}
         if len(block_sizes) != 1:
             raise ValueError(f"replicas must share one block size (got {sorted(block_sizes)})")
-        self.requests = make_requests(wl, block_sizes.pop())
+        self.tree = ContentTree(wl, block_sizes.pop())
+        self.requests = make_requests(self.tree)
+        self.seed = seed  # of the router's and the acceptance draws
+        # speculative decoding: one acceptance profile per distinct configuration, in order
+        self.spec_profiles: dict[str, int] = {}
+        for plan in plans:
+            spec = getattr(plan, "speculative", None)
+            if spec is not None:
+                self.spec_profiles.setdefault(spec.model_dump_json(), len(self.spec_profiles))
         self.replicas = [Replica(env, i, plan, self) for i, plan in enumerate(plans)]
         self.router = Router(router, self.replicas, seed)
         if self.router.staleness > 0.0:
@@ -70,6 +86,38 @@ class Cluster:
         arrival = self.env.timeout(delay)  # created now: see the module docstring
         self.env.process(self.request_process(req, arrival))
 
+    def acceptance(self, plan) -> np.ndarray:
+        """Per-request draft acceptance probability on replicas of ``plan`` (zeros without
+        speculative decoding), drawn as the core draws it (:func:`simulator.specdec.draw_alphas`)."""
+        spec = getattr(plan, "speculative", None)
+        if spec is None:
+            return np.zeros(len(self.requests))
+        profile = self.spec_profiles[spec.model_dump_json()]
+        return draw_alphas(spec, len(self.requests), self.seed, profile)
+
+    def call_at(self, when: float, action) -> None:
+        """Run ``action()`` at simulated time ``when`` (>= now), as an event created now.
+
+        SimPy takes a delay and adds it to the clock; the delay is chosen so that the sum is
+        exactly ``when``, the time stamp the core computes (ties between events depend on it).
+        """
+        now = self.env.now
+        delay = when - now
+        for _ in range(64):
+            if now + delay == when:
+                break
+            delay = math.nextafter(delay, math.inf if now + delay < when else -math.inf)
+        event = self.env.timeout(max(delay, 0.0))
+        event.callbacks.append(lambda _event: action())
+
+    def unpin_parents(self, req: Request) -> None:
+        """``req`` is admitted for the first time: its parents' session-TTL protections end
+        (on whichever replica each parent ran)."""
+        for p in req.parents:
+            parent = self.requests[p]
+            if parent.pinned:
+                self.replicas[parent.replica].unpin(parent)
+
     def snapshots(self):
         """Refresh the router's view of replica load every ``staleness_s``, from t = 0, for as
         long as anything else is going to happen."""
@@ -84,21 +132,58 @@ class Cluster:
         self.dispatch(req)
 
     def dispatch(self, req: Request) -> None:
-        """Route ``req``; reject it if it can never run there, else queue it."""
+        """Route ``req``; reject it if it can never run there, else queue it.
+
+        Disaggregated: the decode replica is chosen first. The prompt is computed there when
+        the part it does not cache is shorter than ``local_prefill_threshold_tokens``, else on
+        a prefill replica; a request with one output token is served by a prefill replica
+        alone. A prefill replica only needs room for the prompt."""
         if req.parent_failed:
             self.reject(req, REASON_PARENT)
             return
         rep = self.router.route(req)
+        dst: Replica | None = None
+        if self.disaggregated:
+            dst = rep
+            local = req.output_tokens == 1
+            if not local and self.local_prefill_threshold > 0:
+                cap = (req.prompt_tokens - 1) // dst.block_size
+                hits = len(dst.pool.longest_hit(req.keys[:cap]))
+                uncached = req.prompt_tokens - hits * dst.block_size
+                local = uncached < self.local_prefill_threshold
+            if not local or req.output_tokens == 1:
+                rep = self.router.route(req, "prefill")
+            if rep is dst or req.output_tokens == 1:
+                dst = None
         req.replica = rep.index
         rep.routed += 1
-        if req.total_tokens > rep.max_model_len:
-            self.reject(req, REASON_MAX_MODEL_LEN)
-            return
-        # the last output token's KV is never computed
-        if rep.blocks_for(req.total_tokens - 1) + rep.state_blocks > rep.pool.num_blocks:
-            self.reject(req, REASON_KV_CAPACITY)
-            return
+        for target in (rep, dst):
+            if target is None:
+                continue
+            if req.total_tokens > target.max_model_len:
+                self.reject(req, REASON_MAX_MODEL_LEN)
+                return
+            # the last output token's KV is never computed
+            tokens = req.total_tokens - 1 if target is dst or dst is None else req.prompt_tokens
+            if target.blocks_for(tokens) + target.state_blocks > target.pool.num_blocks:
+                self.reject(req, REASON_KV_CAPACITY)
+                return
+        if dst is not None:
+            req.prefill_replica = rep.index
+            req.decode_replica = dst.index
+            dst.outstanding += 1
         rep.submit(req)
+
+    def transfer_done(self, req: Request) -> None:
+        """The KV of ``req`` reached its decode replica: the prefill replica lets it go, and
+        the request decodes on; both replicas schedule if idle."""
+        src = self.replicas[req.prefill_replica]
+        dst = self.replicas[req.decode_replica]
+        src.drop_prefill_copy(req)
+        req.status = Status.RUNNING
+        req.replica = dst.index
+        src.wake()
+        dst.wake()
 
     def reject(self, req: Request, reason: str) -> None:
         req.status = Status.REJECTED
@@ -161,6 +246,23 @@ class Cluster:
                 "e2e": finish - arrival,
                 "queue_time": sched - arrival,
                 "max_tbt": np.where(multi, [r.max_gap for r in reqs], math.nan),
+                # a chunk is a token on replicas that do not speculate
+                "chunks": np.array(
+                    [
+                        r.chunks if r.replica >= 0 and self.replicas[r.replica].spec else r.num_output
+                        for r in reqs
+                    ],
+                    dtype=np.int64,
+                ),
+                "spec_proposed": np.array([r.spec_proposed for r in reqs], dtype=np.int64),
+                "spec_accepted": np.array([r.spec_accepted for r in reqs], dtype=np.int64),
+                "prefill_replica": np.array([r.prefill_replica for r in reqs], dtype=np.int64),
+                "decode_replica": np.array([r.decode_replica for r in reqs], dtype=np.int64),
+                "kv_transfer_bytes": np.array([r.xfer_bytes for r in reqs]),
+                "kv_wait": np.array([r.xfer_start - r.xfer_queued for r in reqs]),
+                "kv_transfer_time": np.array([r.xfer_end - r.xfer_start for r in reqs]),
+                "host_cached_tokens": np.array([r.host_hit_tokens for r in reqs], dtype=np.int64),
+                "host_load_time": np.array([r.load_end for r in reqs]) - sched,
             }
         )
 
@@ -195,6 +297,7 @@ def run_reference(
     workload: CompiledWorkload | None = None,
     router=None,
     seed: int | None = None,
+    disaggregation: DisaggregationConfig | None = None,
 ) -> ReferenceResult:
     """Simulate with the reference model.
 
@@ -203,7 +306,8 @@ def run_reference(
     :class:`~simulator.simulate.ReplicaPlan`. ``router``: a policy name or a router config
     (default: the experiment's, else round robin). ``seed``: the seed of the router's draws and
     of the workload compilation (default: the experiment's, else 0). ``workload`` defaults to
-    the experiment's workload compiled with that seed.
+    the experiment's workload compiled with that seed. ``disaggregation``: the KV link and
+    the local-prefill threshold (default: the experiment's, else the defaults).
     """
     if isinstance(experiment_or_plans, list | tuple):
         plans = list(experiment_or_plans)
@@ -216,24 +320,14 @@ def run_reference(
         plans = plan_replicas(exp)
         router = router or exp.cluster.router
         seed = exp.seed if seed is None else seed
+        disaggregation = disaggregation or exp.cluster.disaggregation
         if workload is None:
             workload = compile_workload(exp.workload, seed)
     if not plans:
         raise ValueError("no replicas")
-    for plan in plans:
-        if getattr(plan, "speculative", None) is not None:
-            raise ReferenceScopeError("the reference model does not cover speculative decoding")
-        if getattr(plan, "role", "aggregated") != "aggregated":
-            raise ReferenceScopeError("the reference model does not cover disaggregated pools")
-        if getattr(plan, "host_blocks", 0) > 0:
-            raise ReferenceScopeError("the reference model does not cover the host KV tier")
-        if getattr(plan, "retention", "lru") != "lru":
-            raise ReferenceScopeError(
-                f"the reference model covers LRU retention only, not {plan.retention!r}"
-            )
     validate_compiled(workload)
     env = simpy.Environment()
-    cluster = Cluster(env, plans, router, workload, seed)
+    cluster = Cluster(env, plans, router, workload, seed, disaggregation)
     env.run()
     return ReferenceResult(
         cluster.requests_frame(), cluster.replicas_frame(), cluster.steps_frame(), cluster

@@ -17,6 +17,11 @@ the block holding it. Nothing here knows about runs of blocks or content nodes b
 * **Reference counts.** A block is referenced by every running request whose block table holds
   it; it returns to the queue when the count drops to zero and keeps its content (lazy
   eviction), so a later request can still hit it.
+* **Host tier** (optional, :mod:`.hosttier`). When an allocation evicts cached blocks, the host
+  receives them: at the first evicted block of each stretch of one node's blocks (blocks freed
+  together, last block first, sit in the queue as such a stretch), the host stores the node's
+  blocks up to that one. Prefetching puts blocks copied back from the host into the cache,
+  unreferenced, at the tail of the free queue (:meth:`BlockPool.install`).
 
 Units: blocks, except where a name says tokens.
 """
@@ -24,8 +29,10 @@ Units: blocks, except where a name says tokens.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from simulator.reference.hosttier import HostTier
 
 #: Content key of a full block: (content node holding the block's last token, block index).
 BlockKey = tuple[int, int]
@@ -43,8 +50,18 @@ class Block:
 class BlockPool:
     """The KV blocks of one replica: free queue, prefix index and reference counts."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_caching: bool,
+        host: HostTier | None = None,
+        first_block: Sequence[int] = (),
+    ) -> None:
+        """``host``: the replica's host tier, if any; ``first_block[node]``: the absolute index
+        of the node's first block (the host counts a node's blocks from there)."""
         self.num_blocks = num_blocks
+        self.host = host
+        self.first_block = first_block
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # head = least recently freed = next to be allocated (and evicted)
@@ -84,21 +101,59 @@ class BlockPool:
                 del self.free_queue[b]
             block.ref_cnt += 1
 
+    def resident(self, node: int) -> int:
+        """How many leading blocks of ``node`` are cached (the cached part is a prefix: LRU
+        with last-block-first freeing evicts a block before the blocks in front of it)."""
+        first = self.first_block[node]
+        k = 0
+        while (node, first + k) in self.cached:
+            k += 1
+        return k
+
     def allocate(self, count: int) -> list[int]:
-        """Pop ``count`` blocks from the head of the free queue, evicting their content."""
+        """Pop ``count`` blocks from the head of the free queue, evicting their content (to the
+        host tier, if there is one)."""
         if count > len(self.free_queue):
             raise RuntimeError(f"allocate({count}) with {len(self.free_queue)} free blocks")
         out = []
+        previous: BlockKey | None = None  # content of the block evicted just before
         for _ in range(count):
             b, _ = self.free_queue.popitem(last=False)
             block = self.blocks[b]
             if block.key is not None:
+                node, index = block.key
+                if self.host is not None and previous != (node, index + 1):
+                    # the first (deepest) block of a stretch of this node's blocks
+                    self.host.store(node, index - self.first_block[node] + 1)
+                previous = block.key
                 del self.cached[block.key]
                 block.key = None
                 self.num_evicted += 1
+            else:
+                previous = None
             block.ref_cnt = 1
             out.append(b)
         return out
+
+    def lift(self, block_ids: Iterable[int]) -> None:
+        """Take unreferenced blocks out of the free queue (they keep count 0 for now)."""
+        for b in block_ids:
+            del self.free_queue[b]
+
+    def install(self, block_id: int, key: BlockKey) -> None:
+        """A freshly allocated block receives content ``key`` copied from the host; it stays
+        unreferenced (the caller appends it to the free queue)."""
+        block = self.blocks[block_id]
+        block.key = key
+        block.ref_cnt = 0
+        self.cached[key] = block_id
+
+    def append(self, block_ids: Iterable[int]) -> None:
+        """Put unreferenced blocks at the tail of the free queue, in order."""
+        for b in block_ids:
+            if self.blocks[b].ref_cnt != 0:
+                raise RuntimeError(f"block {b} is referenced; it cannot join the free queue")
+            self.free_queue[b] = None
 
     def commit(self, block_id: int, key: BlockKey) -> int:
         """A request has computed the full block ``block_id`` with content ``key``.
@@ -141,4 +196,6 @@ class BlockPool:
                 problems.append(f"block {block.block_id}: key {block.key} not indexed to it")
         if len(self.cached) != sum(1 for b in self.blocks if b.key is not None):
             problems.append("prefix index and block keys disagree")
+        if self.host is not None:
+            problems += self.host.check()
         return problems

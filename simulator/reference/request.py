@@ -15,6 +15,8 @@ class Status(Enum):
     DISPATCHING = "dispatching"  # ready; waiting out wait_after_ready
     WAITING = "waiting"  # in a replica's waiting queue
     RUNNING = "running"
+    LOADING = "loading"  # admitted; its prefix is being copied from the host tier
+    TRANSFERRING = "transferring"  # prefilled; its KV is moving to its decode replica
     FINISHED = "finished"
     REJECTED = "rejected"
 
@@ -52,6 +54,27 @@ class Request:
     num_committed: int = 0  # leading entries of block_table that are in the prefix index
     extra_blocks: list[int] = field(default_factory=list)  # recurrent state, never cached
 
+    # speculative decoding (replica.py)
+    chunks: int = 0  # token emissions on speculating replicas (several tokens each)
+    spec_proposed: int = 0  # draft tokens verified for it
+    spec_accepted: int = 0
+
+    # retention across tool gaps (replica.py) and the host tier
+    pinned: bool = False  # session TTL: finished, still holding its committed blocks
+    retained: int = 0  # offload-and-prefetch: leading blocks offloaded when it finished
+    host_hit_tokens: int = 0  # tokens of its first prefix hit copied from the host tier
+    load_end: float = math.nan  # when that copy completed
+
+    # prefill/decode disaggregation (replica.py)
+    prefill_replica: int = -1  # where its prompt was computed, if not where it decodes
+    decode_replica: int = -1
+    # blocks still held on the prefill replica while the KV moves: (table, committed, extra)
+    prefill_copy: tuple[list[int], int, list[int]] | None = None
+    xfer_queued: float = math.nan  # prefill done, waiting for the decode replica's blocks
+    xfer_start: float = math.nan  # the move starts (blocks allocated, link free)
+    xfer_end: float = math.nan
+    xfer_bytes: float = 0.0  # what the decode replica did not have cached
+
     ready: float = math.nan
     arrived: float = math.nan
     first_scheduled: float = math.nan
@@ -71,6 +94,14 @@ class ContentTree:
     def __init__(self, wl: CompiledWorkload, block_size: int) -> None:
         self.wl = wl
         self.block_size = block_size
+
+    def first_block(self, node: int) -> int:
+        """Absolute index of the first block whose last token lies in ``node``."""
+        return int(self.wl.node_start_tokens[node]) // self.block_size
+
+    def first_blocks(self) -> list[int]:
+        """:meth:`first_block` of every node."""
+        return [int(t) // self.block_size for t in self.wl.node_start_tokens]
 
     def path(self, r: int) -> list[int]:
         wl = self.wl
@@ -93,8 +124,8 @@ class ContentTree:
         return [(self.node_holding(path, bs * i + bs - 1), i) for i in range(total // bs)]
 
 
-def make_requests(wl: CompiledWorkload, block_size: int) -> list[Request]:
-    tree = ContentTree(wl, block_size)
+def make_requests(tree: ContentTree) -> list[Request]:
+    wl = tree.wl
     out = []
     for r in range(wl.num_requests):
         p0, p1 = wl.req_parents_start[r], wl.req_parents_start[r + 1]

@@ -18,6 +18,10 @@ Policies (the formulas of docs and ``simulator/core/router.py``, written again h
 * ``weighted_scorer`` (llm-d): highest ``w_prefix * hit blocks / prompt blocks + w_queue *
   (max queue - queue) / (max queue - min queue) + w_kv * (1 - KV usage)``.
 
+With prefill/decode disaggregation there are two pools, each with its own round-robin counter,
+session homes and stream of draws: the *main* pool (the aggregated replicas, or the decode
+replicas) and the *prefill* pool; a policy compares only the replicas of one pool.
+
 Ties go to a uniformly drawn one of the tied replicas. Draws come from the core's counter-based
 stream (:func:`simulator.core.uniform.uniform`, keyed by seed, request and a salt), so both
 models draw the same numbers, as they share the cost model. With ``staleness_s > 0`` the router
@@ -31,7 +35,7 @@ import math
 from typing import TYPE_CHECKING
 
 from simulator.core.router import SALT_ROUTE
-from simulator.core.state import G_RR_NEXT
+from simulator.core.state import G_RR_NEXT, G_RR_NEXT_PREFILL
 from simulator.core.uniform import uniform
 from simulator.reference.request import Request
 
@@ -81,10 +85,15 @@ class Router:
         self.policy = cfg["policy"]
         self.cfg = cfg
         self.replicas = replicas
-        # the core's stream of draws for the (aggregated) pool: seed + 7919 x its counter column
-        self.seed = seed + 7919 * G_RR_NEXT
-        self.next_rr = 0
-        self.home: dict[int, int] = {}  # session -> replica of its last request
+        prefill = [rep for rep in replicas if rep.role == "prefill"]
+        main = [rep for rep in replicas if rep.role != "prefill"]
+        self.pools = {"main": main, "prefill": prefill}
+        # the core's stream of draws of a pool: seed + 7919 x the column of its counter
+        self.seeds = {"main": seed + 7919 * G_RR_NEXT, "prefill": seed + 7919 * G_RR_NEXT_PREFILL}
+        self.next_rr = {"main": 0, "prefill": 0}
+        self.homes: dict[str, dict[int, Replica]] = {"main": {}, "prefill": {}}  # by session
+        self.pool_name = "main"  # the pool being routed over, and its draws
+        self.seed = self.seeds["main"]
         self.snapshot: list[LoadView] | None = None
 
     @property
@@ -102,6 +111,15 @@ class Router:
     def draw(self, r: int, salt: int, i: int) -> float:
         return float(uniform(self.seed, r, SALT_ROUTE + salt, i))
 
+    def route(self, req: Request, pool: str = "main") -> Replica:
+        """The replica of ``pool`` (``"main"`` or ``"prefill"``) that ``req`` goes to."""
+        self.seed = self.seeds[pool]
+        self.pool_name = pool
+        candidates = self.pools[pool]
+        view = self.load()
+        load = [view[rep.index] for rep in candidates]
+        return candidates[self.choose(req, candidates, load)]
+
     def best(self, scores: list[float], r: int, lowest: bool) -> int:
         """Index of the best score; a tie goes to each tied index with equal probability."""
         best, ties = 0, 1
@@ -114,55 +132,56 @@ class Router:
                     best = k
         return best
 
-    def route(self, req: Request) -> Replica:
-        n = len(self.replicas)
+    def choose(self, req: Request, candidates: list[Replica], load: list[LoadView]) -> int:
+        """Index into ``candidates`` (one pool) of the replica for ``req``."""
+        n = len(candidates)
         if n == 1:
-            return self.replicas[0]
+            return 0
         r = req.request_id
         policy = self.policy
         if policy == "round_robin":
-            k = self.next_rr % n
-            self.next_rr += 1
-            return self.replicas[k]
+            k = self.next_rr[self.pool_name] % n
+            self.next_rr[self.pool_name] += 1
+            return k
         if policy == "random":
-            return self.replicas[min(int(self.draw(r, 0, 0) * n), n - 1)]
-        load = self.load()
+            return min(int(self.draw(r, 0, 0) * n), n - 1)
         outstanding = [float(v.outstanding) for v in load]
         if policy == "least_outstanding":
-            return self.replicas[self.best(outstanding, r, lowest=True)]
+            return self.best(outstanding, r, lowest=True)
         if policy == "least_kv_usage":
             usage = [
-                v.used_blocks / rep.pool.num_blocks
-                for v, rep in zip(load, self.replicas, strict=True)
+                v.used_blocks / rep.pool.num_blocks for v, rep in zip(load, candidates, strict=True)
             ]
-            return self.replicas[self.best(usage, r, lowest=True)]
+            return self.best(usage, r, lowest=True)
         if policy == "power_of_two":
             a = min(int(self.draw(r, 0, 1) * n), n - 1)
             b = min(int(self.draw(r, 0, 2) * (n - 1)), n - 2)
             if b >= a:
                 b += 1  # two distinct replicas
-            return self.replicas[a if outstanding[a] <= outstanding[b] else b]
+            return a if outstanding[a] <= outstanding[b] else b
         if policy == "session_affinity":
-            home = self.home.get(req.session_id, -1)
+            homes = self.homes[self.pool_name]
+            home = homes.get(req.session_id)
+            k = -1 if home is None else candidates.index(home)
             mean = sum(outstanding) / n
             limit = self.cfg["affinity_overload_factor"] * (mean + 1.0)
-            if home < 0 or outstanding[home] > limit:
-                home = self.best(outstanding, r, lowest=True)
-            self.home[req.session_id] = home
-            return self.replicas[home]
+            if k < 0 or outstanding[k] > limit:
+                k = self.best(outstanding, r, lowest=True)
+            homes[req.session_id] = candidates[k]
+            return k
         if policy == "kv_aware":
-            return self.replicas[self.kv_aware(req, load)]
-        return self.replicas[self.weighted_scorer(req, load)]
+            return self.kv_aware(req, candidates, load)
+        return self.weighted_scorer(req, candidates, load)
 
     def prompt_hits(self, req: Request, rep: Replica) -> int:
         """Blocks of ``req``'s prompt cached on ``rep`` (capped at prompt - 1 tokens)."""
         cap = (req.prompt_tokens - 1) // rep.block_size
         return len(rep.pool.longest_hit(req.keys[:cap]))
 
-    def kv_aware(self, req: Request, load: list[LoadView]) -> int:
+    def kv_aware(self, req: Request, candidates: list[Replica], load: list[LoadView]) -> int:
         r = req.request_id
         cost = []
-        for rep, view in zip(self.replicas, load, strict=True):
+        for rep, view in zip(candidates, load, strict=True):
             prefill = (view.pending_prefill + req.prompt_tokens) / rep.block_size
             adjusted = max(
                 prefill - self.cfg["overlap_score_credit"] * self.prompt_hits(req, rep), 0.0
@@ -181,12 +200,14 @@ class Router:
                 return k
         return len(weights) - 1
 
-    def weighted_scorer(self, req: Request, load: list[LoadView]) -> int:
+    def weighted_scorer(
+        self, req: Request, candidates: list[Replica], load: list[LoadView]
+    ) -> int:
         w = self.cfg["weights"]
         queues = [v.waiting for v in load]
         qmin, qmax = min(queues), max(queues)
         score = []
-        for rep, view in zip(self.replicas, load, strict=True):
+        for rep, view in zip(candidates, load, strict=True):
             prefix = 0.0
             if rep.pool.enable_caching:
                 prompt_blocks = max((req.prompt_tokens - 1) // rep.block_size, 1)
