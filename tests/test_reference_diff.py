@@ -17,10 +17,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from test_reference_scenarios import MANY, Scenario, scenarios
 
-from simulator.config import parse_experiment
+from simulator.config import ExperimentError, parse_experiment
 from simulator.invariants import check_result
 from simulator.reference import run_reference, simulate_reference
 from simulator.reference.builder import WorkloadBuilder
@@ -159,7 +159,14 @@ def run_both(sc: Scenario):
     exp = parse_experiment(sc.experiment)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # NaN metrics of rejected requests
-        core = simulate(exp, workload=sc.workload, progress=False)
+        try:
+            core = simulate(exp, workload=sc.workload, progress=False)
+        except ExperimentError as exc:
+            # a decode pool too small for the longest transferred prompt is refused before the
+            # run (simulate.check_decode_capacity): not a scenario the two models can compare
+            if "can never hold" not in str(exc):
+                raise
+            reject()
     return core, run_reference(exp, sc.workload)
 
 
@@ -197,16 +204,10 @@ def test_core_agrees_with_reference_with_host_tier_and_prefetch(sc: Scenario):
     _agree_with_tiers(sc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: see test_session_ttl_admitted_child_keeps_the_blocks_it_shares_with_its_"
-    "parent (remove this mark with the fix)",
-)
 @settings(
     max_examples=MAX_TTL_EXAMPLES,
     deadline=None,
     derandomize=not MANY,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # a known failure: do not shrink it
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(scenarios(with_tiers=True, policies=("session_ttl",)))
@@ -412,12 +413,6 @@ def tier_scenario(builder: WorkloadBuilder, host_blocks: int = 0, **engine) -> S
     return scenario(builder, **engine)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: simulator/core/loop.py _schedule unpins the parents of a newly admitted "
-    "request before adding it to the running list, so the rescan of partial extents misses it "
-    "and the blocks it shares with its parent return to the free queue while referenced",
-)
 def test_session_ttl_admitted_child_keeps_the_blocks_it_shares_with_its_parent():
     """Request 0 computes 49 tokens of a 100-token node: 3 committed blocks, kept referenced
     (session TTL) while its child waits 0.1 s. The child hits those 3 blocks and allocates 1;

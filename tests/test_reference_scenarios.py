@@ -411,7 +411,7 @@ def test_scenarios_reach_the_hard_cases():
     seen = Counter()
 
     @settings(
-        max_examples=120,
+        max_examples=200,
         derandomize=True,
         deadline=None,
         database=None,
