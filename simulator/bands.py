@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from simulator.calibrate import check_gpu, step_rows
+from simulator.calibrate import REFERENCE_STEP_MODEL, check_gpu, step_rows
 from simulator.costmodel import (
     GROUP_NAMES,
     P_DENSE_PARAMS,
@@ -330,7 +330,8 @@ def step_band_coverage(meas, hw: HardwareProfile, draws: int = 200, seed: int = 
     ``draws`` resampled cost models of ``hw``.
 
     Predictions are :func:`~simulator.costmodel.step_seconds` minus ``step_overhead_s``, as in
-    :func:`simulator.calibrate.validate_steps`. Returns ``{"draws", "seed", "band",
+    :func:`simulator.calibrate.validate_steps`. Only the rows of the reference step model
+    (``calibrate.REFERENCE_STEP_MODEL``, measured on every GPU) are counted. Returns ``{"draws", "seed", "band",
     "coverage", "by_kind": {kind: fraction}, "median_half_width_pct", "rows": [...]}``; a
     fraction near 0.8 means the band is as wide as the errors; above, wider (conservative).
     """
@@ -342,6 +343,8 @@ def step_band_coverage(meas, hw: HardwareProfile, draws: int = 200, seed: int = 
     params_by_model: dict[str, list[np.ndarray]] = {}
     for row in step_rows(meas):
         name = row["model_name"]
+        if name != REFERENCE_STEP_MODEL:
+            continue
         if name not in params_by_model:
             base = build_cost_params(row["model"], hw)
             missing = sorted(required_groups(base) - set(residuals))

@@ -8,7 +8,7 @@ units in the column names) plus its ``metadata.json``. Two uses:
   the *operator* rows only: GEMMs, attention prefill and decode, MoE expert GEMMs, elementwise
   kernels. Whole-step rows (``steps.csv``) are never used for fitting.
 - :func:`validate_steps` predicts every whole-step row with the cost model and a profile and
-  reports the absolute percentage errors per kind (prefill, decode, mixed).
+  reports the absolute percentage errors per model and kind (prefill, decode, mixed).
 
 The operator formulas below are the cost model's (:mod:`simulator.costmodel`) applied to one
 kernel: a GEMM takes ``gemm_latency_s + smooth_max(flops / rate, bytes / bandwidth, p)``, and so
@@ -33,7 +33,14 @@ import pandas as pd
 import yaml
 from scipy.optimize import least_squares
 
-from simulator.costmodel import P_STEP_OVERHEAD, build_cost_params, step_seconds
+from simulator.costmodel import (
+    P_MOE_TOUCHED,
+    P_NUM_MOE_LAYERS,
+    P_STEP_OVERHEAD,
+    build_cost_params,
+    moe_routing_bytes_per_token,
+    step_seconds,
+)
 from simulator.hardware import HardwareProfile, hardware_from_dict, load_hardware
 from simulator.models import load_model
 
@@ -42,6 +49,8 @@ __all__ = [
     "FitResult",
     "MeasurementError",
     "Measurements",
+    "REFERENCE_STEP_MODEL",
+    "ROUTING_MODES",
     "allreduce_seconds",
     "calibrate",
     "fit_allreduce",
@@ -80,11 +89,21 @@ DEFAULT_DECODE_SPLIT_BELOW = 0.8 * 2 * 132
 OPERATOR_COLUMNS = {
     "gemm": ("dtype", "m", "n", "k", "flops", "bytes", "seconds"),
     "attention_prefill": ("query_tokens", "context_tokens", "flops", "bytes", "seconds"),
-    "attention_decode": ("batch", "kv_heads", "context_tokens", "flops", "bytes", "seconds"),
+    "attention_decode": (
+        "batch",
+        "heads",
+        "kv_heads",
+        "context_tokens",
+        "flops",
+        "bytes",
+        "seconds",
+    ),
     "moe": ("tokens", "experts_touched", "moe_inter", "top_k", "flops", "bytes", "seconds"),
     "elementwise": ("op", "tokens", "bytes", "seconds"),
 }
 OPTIONAL_FILES = {
+    "moe_routing": ("tokens", "experts", "top_k", "hidden", "bytes", "seconds"),
+    "gdn": ("phase", "method", "batch", "tokens", "flops", "bytes", "seconds"),
     "memcpy": ("direction", "pinned", "bytes", "seconds"),
     "launch": ("kernels", "timing", "seconds"),
 }
@@ -123,6 +142,13 @@ FITTED_FIELDS = {
     "elementwise_latency_s": "elementwise",
     "layer_overhead_s": "elementwise",
     "grouped_gemm_efficiency": "moe",
+    "grouped_gemm_latency_s": "moe",
+    "moe_routing_latency_s": "moe_routing",
+    "moe_routing_bandwidth_efficiency": "moe_routing",
+    "linear_attention_efficiency": "gdn",
+    "linear_attention_bandwidth_efficiency": "gdn",
+    "linear_attention_decode_latency_s": "gdn",
+    "linear_attention_prefill_latency_s": "gdn",
 }
 
 
@@ -278,7 +304,7 @@ def predict_operators(meas: Measurements, hw: HardwareProfile) -> dict[str, np.n
     d = t["attention_decode"]
     dec_rate = np.where(
         _unsplit(d, hw.attention_decode_split_below),
-        hw.peak_flops.bf16 * hw.attention_decode_efficiency,
+        hw.peak_flops.bf16 * hw.attention_decode_efficiency * _group(d),
         attn_rate,
     )
     out["attention_decode"] = (
@@ -302,7 +328,7 @@ def predict_operators(meas: Measurements, hw: HardwareProfile) -> dict[str, np.n
     silu_bytes = 2.0 * 3.0 * assign * mo["moe_inter"].to_numpy(dtype=float)
     geff = hw.grouped_gemm_efficiency
     out["moe"] = (
-        2.0 * hw.gemm_latency_s
+        2.0 * hw.grouped_gemm_latency_s
         + _smooth(
             mo["flops"] / (hw.peak_flops.bf16 * hw.matmul_efficiency * geff),
             (mo["bytes"] - silu_bytes) / (bw * hw.memory_efficiency * geff),
@@ -311,7 +337,32 @@ def predict_operators(meas: Measurements, hw: HardwareProfile) -> dict[str, np.n
         + 2.0 * hw.elementwise_latency_s
         + silu_bytes / elem_bw
     )
+    if "moe_routing" in t:
+        r = t["moe_routing"]
+        out["moe_routing"] = hw.moe_routing_latency_s + r["bytes"].to_numpy(dtype=float) / (
+            bw * hw.moe_routing_bandwidth_efficiency
+        )
+    if "gdn" in t:
+        gd = _fused_gdn(t["gdn"])
+        pre = gd["phase"].to_numpy() == "prefill"
+        out["gdn"] = np.where(
+            pre, hw.linear_attention_prefill_latency_s, hw.linear_attention_decode_latency_s
+        ) + np.maximum(
+            gd["flops"].to_numpy(dtype=float)
+            / (hw.peak_flops.bf16 * hw.linear_attention_efficiency),
+            gd["bytes"].to_numpy(dtype=float) / (bw * hw.linear_attention_bandwidth_efficiency),
+        )
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
+def _fused_gdn(gd: pd.DataFrame) -> pd.DataFrame:
+    """The rows of gdn.csv timed with the fused kernels (the proxies are diagnostics)."""
+    return gd[gd["method"].astype(str).str.startswith("fla")]
+
+
+def _group(d: pd.DataFrame) -> np.ndarray:
+    """Query heads per KV head of decode-attention rows (the unsplit kernel's tile rows)."""
+    return d["heads"].to_numpy(dtype=float) / d["kv_heads"].to_numpy(dtype=float)
 
 
 def _unsplit(d: pd.DataFrame, split_below: float) -> np.ndarray:
@@ -379,6 +430,7 @@ def calibrate(
     Peaks (datasheet numbers) are kept; CalibrationError when a fit does not converge.
     """
     check_gpu(meas, hw)
+    _check_routing_bytes(meas)
     t = meas.tables
     bw = hw.hbm_bandwidth
     pk16 = hw.peak_flops.bf16
@@ -424,11 +476,12 @@ def calibrate(
     dt = d["seconds"].to_numpy(dtype=float)
     split_below = hw.attention_decode_split_below
     unsplit = _unsplit(d, split_below)
+    group = _group(d)
 
     def attn_model(x):
         rate = pk16 * x[0]
         dbw = bw * x[3]
-        drate = np.where(unsplit, pk16 * x[6], rate)
+        drate = np.where(unsplit, pk16 * x[6] * group, rate)
         pre = x[1] * 1e-6 + aq * x[2] * 1e-9 + _smooth(af / rate, ab / dbw, p)
         dec = x[4] * 1e-6 + dn * x[5] * 1e-9 + _smooth(df_ / drate, db / dbw, p)
         return pre, dec
@@ -440,7 +493,7 @@ def calibrate(
     x = _solve(
         "attention",
         attn_res,
-        [0.35, 10.0, 20.0, 0.75, 8.0, 50.0, 0.01],
+        [0.35, 10.0, 20.0, 0.75, 8.0, 50.0, 0.003],
         [0.01, 0.0, 0.0, 0.05, 0.0, 0.0, 1e-4],
         [1.0, 1e4, 1e5, 1.0, 1e4, 1e5, 1.0],
         max_nfev,
@@ -491,17 +544,64 @@ def calibrate(
         elementwise_bandwidth_efficiency=min(1.0, nbytes / seconds / bw),
     )
 
-    # MoE grouped expert GEMMs: [grouped efficiency], the GEMM and elementwise terms fixed
+    # MoE grouped expert GEMMs: [grouped efficiency, grouped latency us], the dense GEMM and
+    # elementwise terms fixed
     base = hw.model_copy(update={**v, "grouped_gemm_efficiency": 1.0})
     mo = t["moe"]
     mt = mo["seconds"].to_numpy(dtype=float)
 
     def moe_res(x):
-        trial = base.model_copy(update={"grouped_gemm_efficiency": float(x[0])})
+        trial = base.model_copy(
+            update={"grouped_gemm_efficiency": float(x[0]), "grouped_gemm_latency_s": x[1] * 1e-6}
+        )
         return np.log(predict_operators(meas, trial)["moe"] / mt)
 
-    x = _solve("moe", moe_res, [0.6], [0.01], [1.0], max_nfev)
+    x = _solve("moe", moe_res, [0.6, 5.0], [0.01, 0.0], [1.0, 200.0], max_nfev)
     v["grouped_gemm_efficiency"] = x[0]
+    v["grouped_gemm_latency_s"] = x[1] * 1e-6
+
+    # MoE routing kernels (optional rows): [latency us per MoE layer, bandwidth efficiency]
+    if "moe_routing" in t:
+        r = t["moe_routing"]
+        rb = r["bytes"].to_numpy(dtype=float)
+        rt = r["seconds"].to_numpy(dtype=float)
+        x = _solve(
+            "moe_routing",
+            lambda x: np.log((x[0] * 1e-6 + rb / (bw * x[1])) / rt),
+            [40.0, 0.3],
+            [0.0, 1e-3],
+            [1e4, 1.0],
+            max_nfev,
+        )
+        v.update(moe_routing_latency_s=x[0] * 1e-6, moe_routing_bandwidth_efficiency=x[1])
+
+    # Gated DeltaNet kernels (optional rows, fused kernels only): [decode latency us, FLOP
+    # efficiency, bandwidth efficiency, prefill latency us]
+    if "gdn" in t and not _fused_gdn(t["gdn"]).empty:
+        gd = _fused_gdn(t["gdn"])
+        pre = gd["phase"].to_numpy() == "prefill"
+        lf = gd["flops"].to_numpy(dtype=float)
+        lb = gd["bytes"].to_numpy(dtype=float)
+        lt = gd["seconds"].to_numpy(dtype=float)
+
+        def gdn_res(x):
+            lat = np.where(pre, x[3], x[0]) * 1e-6
+            return np.log((lat + np.maximum(lf / (pk16 * x[1]), lb / (bw * x[2]))) / lt)
+
+        x = _solve(
+            "gdn",
+            gdn_res,
+            [5.0, 0.05, 0.7, 30.0],
+            [0.0, 1e-4, 0.01, 0.0],
+            [1e3, 1.0, 1.0, 1e4],
+            max_nfev,
+        )
+        v.update(
+            linear_attention_decode_latency_s=x[0] * 1e-6,
+            linear_attention_efficiency=x[1],
+            linear_attention_bandwidth_efficiency=x[2],
+            linear_attention_prefill_latency_s=x[3] * 1e-6,
+        )
 
     v = {k: _round(val) for k, val in v.items()}
     fitted = _fitted_profile(hw, v, meas, date, source_dir)
@@ -511,6 +611,8 @@ def calibrate(
     log_ratios = {}
     for kind, pr in pred.items():
         measured = t[kind]["seconds"].to_numpy(dtype=float)
+        if kind == "gdn":
+            measured = _fused_gdn(t["gdn"])["seconds"].to_numpy(dtype=float)
         if kind == "gemm":
             for dtype in ("bf16", "fp8"):
                 sel = t["gemm"]["dtype"].to_numpy() == dtype
@@ -562,7 +664,9 @@ _FIT_NOTES = {
     "attention": "FlashAttention-2 (aten._flash_attention_forward) prefill rows (query x context, "
     "causal, GQA) and decode rows (batch x context): prefill t = latency + query_tokens x "
     "token_s + smooth_max(flops / (bf16 peak x attention_efficiency), bytes / decode bandwidth); "
-    "decode t = latency + batch x seq_s + the same roofline term",
+    "decode t = latency + batch x seq_s + the same roofline term; unsplit decode rows (batch x "
+    "KV heads >= attention_decode_split_below) at bf16 peak x attention_decode_efficiency x "
+    "query heads per KV head",
     "elementwise": "RMSNorm, SiLU-and-mul, residual-add, RoPE and KV-write rows, one fit per op "
     "(t = kernels x latency + bytes / bandwidth), combined over the reference layer of measure.py "
     f"({REFERENCE_SMALL_OPS_PER_LAYER} small torch ops per layer): layer_overhead_s = the "
@@ -570,8 +674,37 @@ _FIT_NOTES = {
     f"{REFERENCE_SMALL_OPS_PER_LAYER}, elementwise_bandwidth_efficiency = the layer's bytes over "
     "the sum of bytes / per-op bandwidth, as a fraction of hbm_bandwidth",
     "moe": "Qwen3-30B-A3B grouped expert GEMM rows (torch._grouped_mm, tokens x experts "
-    "touched), GEMM terms fixed: the rate and bandwidth of grouped GEMMs as a fraction of dense",
+    "touched), dense GEMM terms fixed: t = 2 x grouped_gemm_latency_s + smooth_max of the GEMM "
+    "terms at grouped_gemm_efficiency of the dense rate and bandwidth + SiLU-and-mul",
+    "gdn": "Qwen3.5-35B-A3B Gated DeltaNet rows timed with flash-linear-attention's Triton "
+    "kernels (gdn.csv, method fla_*: fused_recurrent_gated_delta_rule decode steps, batch 1..256, "
+    "fp32 state read and written; chunk_gated_delta_rule prefill chunks, 64..16384 tokens): t = "
+    "latency (decode: per layer call, prefill: per sequence) + max(flops / (bf16 peak x "
+    "linear_attention_efficiency), bytes / (hbm_bandwidth x "
+    "linear_attention_bandwidth_efficiency)), flops = 6 x value_heads x key_dim x value_dim per "
+    "token",
+    "moe_routing": "Qwen3-30B-A3B routing rows (moe_routing.csv: softmax, top-8, sort by expert, "
+    "counts and offsets, gather of the rows, weighting and index_add back; tokens 1..16384): "
+    "t = moe_routing_latency_s + bytes / (hbm_bandwidth x moe_routing_bandwidth_efficiency), "
+    "bytes = tokens x (10 x experts + 10 x top_k x hidden + 4 x hidden)",
 }
+
+
+def _check_routing_bytes(meas: Measurements) -> None:
+    """The routing rows' byte counts must be the cost model's formula (one definition)."""
+    r = meas.tables.get("moe_routing")
+    if r is None:
+        return
+    want = r["tokens"].to_numpy(dtype=float) * np.array(
+        [
+            moe_routing_bytes_per_token(e, k, h)
+            for e, k, h in zip(r["experts"], r["top_k"], r["hidden"], strict=True)
+        ]
+    )
+    if not np.allclose(want, r["bytes"].to_numpy(dtype=float), rtol=1e-9):
+        raise MeasurementError(
+            f"{meas.path / 'moe_routing.csv'}: bytes do not match the cost model's routing bytes"
+        )
 
 
 def _fitted_profile(
@@ -580,6 +713,8 @@ def _fitted_profile(
     where = source_dir or str(meas.path)
     sources = dict(hw.sources)
     for name, group in FITTED_FIELDS.items():
+        if name not in v:  # optional rows absent: value and source kept
+            continue
         sources[name] = (
             f"fitted by servesim calibrate from {where} on {_today(date)} "
             f"({meas.gpu_name}, measured {meas.metadata.get('date', '?')}, "
@@ -642,10 +777,19 @@ def _step_batch(row) -> tuple[np.ndarray, np.ndarray]:
     return np.array(new, dtype=np.int64), np.array(ctx, dtype=np.int64)
 
 
+#: The model whose whole-step rows gate a profile's ``calibrated`` flag and validate-steps' exit
+#: status (dense, measured on every GPU); other models' rows are reported beside it.
+REFERENCE_STEP_MODEL = "llama-3.1-8b"
+
+#: How validate-steps counts the experts an MoE step reads.
+ROUTING_MODES = ("uniform", "measured")
+
+
 def step_rows(meas: Measurements) -> list[dict]:
     """The whole-step rows of ``meas`` as batches: per row ``model_name``, ``model``
     (:class:`~simulator.models.ModelSpec`), ``kind``, ``batch`` (text), ``new`` and ``context``
-    (int64 arrays of tokens per sequence) and ``measured_seconds``.
+    (int64 arrays of tokens per sequence), ``measured_seconds`` and ``experts_touched`` (mean
+    experts an MoE layer of the step read, where recorded, else None).
 
     MeasurementError when ``steps.csv`` is missing, names an unknown model, or ran a different
     number of layers than the model has.
@@ -677,16 +821,26 @@ def step_rows(meas: Measurements) -> list[dict]:
                 "new": new,
                 "context": ctx,
                 "measured_seconds": float(r["seconds_graph"]),
+                "experts_touched": _experts_touched(r),
             }
         )
     return out
 
 
-def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> dict:
-    """Predicted vs measured for every whole-step row; summary per kind and the worst rows."""
+def validate_steps(
+    meas: Measurements, hw: HardwareProfile, worst: int = 5, routing: str = "uniform"
+) -> dict:
+    """Predicted vs measured for every whole-step row; summary per model and kind (prefill,
+    decode, mixed, all: ``report["summary"][model][kind]``) and the worst rows.
+
+    ``routing``: for MoE rows, ``"uniform"`` (the cost model as the simulator runs it) uses its
+    expected count of touched experts for uniform routing; ``"measured"`` predicts with the
+    experts the step's routing touched (``experts_touched_mean``, where the row has it), so the
+    row checks the cost of the experts read apart from the formula.
+    """
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES} (got {routing!r})")
     check_gpu(meas, hw)
-    if "steps" not in meas.tables:
-        raise MeasurementError(f"{meas.path / 'steps.csv'}: missing")
     params_by_model: dict[str, np.ndarray] = {}
     rows = []
     for r in step_rows(meas):
@@ -694,6 +848,10 @@ def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> d
         if name not in params_by_model:
             params_by_model[name] = build_cost_params(r["model"], hw)
         params = params_by_model[name]
+        touched = r["experts_touched"] if params[P_NUM_MOE_LAYERS] > 0 else None
+        if touched is not None and routing == "measured":
+            params = params.copy()
+            params[P_MOE_TOUCHED] = touched
         new, ctx = r["new"], r["context"]
         predicted = float(step_seconds(params, new, ctx, len(new))) - params[P_STEP_OVERHEAD]
         measured = r["measured_seconds"]
@@ -702,22 +860,26 @@ def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> d
                 "kind": r["kind"],
                 "model": name,
                 "batch": r["batch"],
+                "experts_touched": touched,
                 "measured_seconds": measured,
                 "predicted_seconds": predicted,
                 "error_pct": 100.0 * (predicted / measured - 1.0),
             }
         )
-    kinds = {}
-    for kind in ("prefill", "decode", "mixed"):
-        err = np.array([abs(x["error_pct"]) for x in rows if x["kind"] == kind])
-        if err.size:
-            kinds[kind] = _summary(err)
-    allerr = np.array([abs(x["error_pct"]) for x in rows])
-    kinds["all"] = _summary(allerr)
-    for s in kinds.values():
-        s["meets_targets"] = bool(
-            s["median_abs_pct"] <= TARGET_MEDIAN_PCT and s["p90_abs_pct"] <= TARGET_P90_PCT
-        )
+    summary: dict[str, dict[str, dict]] = {}
+    for name in params_by_model:
+        mine = [x for x in rows if x["model"] == name]
+        kinds = {}
+        for kind in ("prefill", "decode", "mixed"):
+            err = np.array([abs(x["error_pct"]) for x in mine if x["kind"] == kind])
+            if err.size:
+                kinds[kind] = _summary(err)
+        kinds["all"] = _summary(np.array([abs(x["error_pct"]) for x in mine]))
+        for s in kinds.values():
+            s["meets_targets"] = bool(
+                s["median_abs_pct"] <= TARGET_MEDIAN_PCT and s["p90_abs_pct"] <= TARGET_P90_PCT
+            )
+        summary[name] = kinds
     ranked = sorted(rows, key=lambda x: -abs(x["error_pct"]))
     return {
         "hardware": hw.name,
@@ -727,10 +889,21 @@ def validate_steps(meas: Measurements, hw: HardwareProfile, worst: int = 5) -> d
         "targets": {"median_abs_pct": TARGET_MEDIAN_PCT, "p90_abs_pct": TARGET_P90_PCT},
         "note": "measured: GPU time of the forward pass (CUDA graph replay); predicted: "
         "step_seconds minus step_overhead_s (host-side cost, not measured)",
-        "summary": kinds,
+        "routing": routing,
+        "summary": summary,
         "worst": ranked[:worst],
         "rows": rows,
     }
+
+
+def _experts_touched(r) -> float | None:
+    """Mean experts touched per MoE layer, measured in the step (None where not recorded)."""
+    v = r.get("experts_touched_mean")
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
 
 
 def _describe(r) -> str:
@@ -742,8 +915,9 @@ def _describe(r) -> str:
     return " + ".join(parts)
 
 
-def allreduce_seconds(nbytes, world_size: int, latency_s: float, efficiency: float,
-                      hw: HardwareProfile):
+def allreduce_seconds(
+    nbytes, world_size: int, latency_s: float, efficiency: float, hw: HardwareProfile
+):
     """The cost model's ring all-reduce time for one all-reduce of ``nbytes`` over ``world_size``
     GPUs: ``2(n-1)/n x bytes / (per-direction NVLink bandwidth x efficiency) + latency``."""
     ring = 2.0 * (world_size - 1) / world_size

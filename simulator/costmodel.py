@@ -29,8 +29,12 @@ Groups
 ``moe``
     routed experts, shared experts and the router. Only the experts the batch touches are
     read: with T tokens and top-k of E experts, the expected number of distinct experts per
-    MoE layer is ``E * (1 - (1 - k/E)**T)`` (uniform independent routing). Shared experts
-    are always read.
+    MoE layer is ``E * (1 - (1 - k/E)**T)`` (uniform independent routing; a caller that knows
+    the routing can set ``params[P_MOE_TOUCHED]`` instead, as ``validate-steps`` does with the
+    count measured in the step). Shared experts are always read. Plus the routing kernels around the expert GEMMs (softmax, top-k, sort by
+    expert, gather of the rows, weighting and scatter-add back): ``moe_routing_latency_s`` per
+    MoE layer and ``T * (10*E + 10*k*h + 4*h)`` bytes per layer at
+    ``moe_routing_bandwidth_efficiency`` (timed as the group's elementwise seconds).
 ``attention_prefill`` / ``attention_decode``
     the attention core (scores and weighted values) of full-attention layers. A sequence with
     at most ``DECODE_MAX_NEW_TOKENS`` new tokens (a decode, or a speculative verify) is a
@@ -41,11 +45,21 @@ Groups
     per query token (FlashAttention launches one kernel per prefill here); decode, per layer and
     per sequence. Decode runs at HBM speed while decode sequences x KV heads is below
     ``attention_decode_split_below`` (the kernel splits the KV over the SMs) and at its own
-    FLOP rate (``attention_decode_efficiency``) above it; MLA has no such rule.
+    FLOP rate above it; MLA has no such rule. Unsplit, the kernel runs one block per
+    (sequence, KV head) whose tile holds that KV head's query heads, so its time follows the
+    KV heads, not the query heads: the rate of useful FLOPs is ``bf16 peak x
+    attention_decode_efficiency x query heads per KV head``.
 ``linear_attention``
-    the recurrent core of Gated DeltaNet layers: per sequence the fixed state is read and
-    written once; per token about ``6 * value_heads * key_dim * value_dim`` FLOPs (decay,
-    retrieval, rank-1 update, readout) plus the short convolution.
+    the recurrent core of Gated DeltaNet layers, as flash-linear-attention's kernels run it
+    (``fused_recurrent_gated_delta_rule`` for decodes, ``chunk_gated_delta_rule`` for prefill
+    chunks): per sequence the fp32 delta-rule state (and the bf16 conv state) is read, unless a
+    prefill starts from nothing, and written once; per token about ``6 * value_heads * key_dim
+    * value_dim`` FLOPs (decay, retrieval, rank-1 update, readout) plus the short convolution,
+    and the q, k, v, output, gate and beta activations. Time: the plain max of FLOPs at
+    ``linear_attention_efficiency`` of the bf16 peak and bytes at
+    ``linear_attention_bandwidth_efficiency`` of HBM, plus ``linear_attention_decode_latency_s``
+    per layer with decodes and ``linear_attention_prefill_latency_s`` per prefill sequence per
+    layer.
 ``lm_head``
     logits for one row per sequence (``num_seqs`` rows): the bf16 head is read, fp32 logits
     written.
@@ -58,8 +72,10 @@ GEMM activation traffic (reading a matmul's input, writing its output) is added 
 ``qkv_o``, ``mlp`` and ``moe``; the elementwise traffic (one read of each input and one write
 of each output of RMSNorm, RoPE, the KV write, residual adds and SiLU-and-mul) is timed apart at
 the elementwise bandwidth and reported as the group's ``elementwise_seconds``. ``moe`` runs at
-``grouped_gemm_efficiency`` of the dense GEMM rate and bandwidth. ``linear_attention`` and
-``allreduce`` keep the plain roofline max (not calibrated). Left out: embedding lookup, sampling,
+``grouped_gemm_efficiency`` of the dense GEMM rate and bandwidth, and its two grouped kernels
+per layer cost ``grouped_gemm_latency_s`` each (router and shared experts: ``gemm_latency_s``).
+``linear_attention`` (calibrated rates) and ``allreduce`` (not calibrated) take the plain max of
+their two terms. Left out: embedding lookup, sampling,
 MLA's up-projection of cached latents during prefill.
 
 Each group's roofline and fixed seconds are multiplied by its entry of ``P_GROUP_SCALE`` (all
@@ -83,6 +99,7 @@ __all__ = [
     "P_GROUP_SCALE",
     "build_cost_params",
     "check_tp",
+    "moe_routing_bytes_per_token",
     "smooth_max",
     "step_breakdown",
     "step_seconds",
@@ -117,7 +134,7 @@ P_ATTN_FLOPS_DECODE = 21  # attention FLOPs per (query, key) pair per layer, dec
 P_KV_BYTES_PER_TOKEN_LAYER = 22  # KV-cache bytes per token per layer on this GPU
 P_ATTN_ACT_BYTES = 23  # query + output activation bytes per new token per layer
 P_NUM_LINEAR_LAYERS = 24  # linear-attention layers (count)
-P_LINEAR_STATE_BYTES = 25  # recurrent state per sequence per layer on this GPU (bytes)
+P_LINEAR_STATE_BYTES = 25  # recurrent state per sequence per layer on this GPU (bytes, fp32)
 P_LINEAR_FLOPS_PER_TOKEN = 26  # recurrent-core FLOPs per token per layer on this GPU
 P_LM_HEAD_PARAMS = 27  # LM-head weights on this GPU (elements, bf16)
 P_VOCAB_PER_GPU = 28  # vocabulary shard (logit columns on this GPU)
@@ -131,7 +148,7 @@ P_GEMM_P = 35  # smoothness exponent of the GEMM compute/memory combination (>= 
 P_GEMM_LATENCY = 36  # fixed seconds per GEMM kernel
 P_PROJ_GEMMS = 37  # GEMM kernels of the qkv_o group per step (all layers)
 P_DENSE_GEMMS = 38  # GEMM kernels of the mlp group per step
-P_MOE_GEMMS = 39  # GEMM kernels of the moe group per step (router, grouped experts, shared)
+P_MOE_GEMMS = 39  # dense GEMM kernels of the moe group per step (router, shared experts)
 P_ATTN_PRE_LATENCY = 40  # seconds per prefill sequence per full-attention layer
 P_ATTN_PRE_TOKEN = 41  # seconds per prefill query token per full-attention layer
 P_ATTN_DEC_LATENCY = 42  # seconds per full-attention layer when the batch has decodes
@@ -145,17 +162,29 @@ P_GROUPED_EFF = 49  # grouped expert GEMMs: fraction of dense GEMM rate and band
 P_ATTN_DEC_FLOP_RATE = 50  # decode attention FLOP/s when the KV is not split (large batches)
 P_ATTN_DEC_SPLIT_BELOW = 51  # decode seqs x KV heads below which the kernel splits the KV
 P_KV_HEADS_GPU = 52  # KV heads per GPU of GQA attention (0 for MLA: no split rule)
-P_GROUP_SCALE = 53  # first of 8 multipliers (one per group, GROUP_NAMES order; 1.0 = as fitted)
+P_MOE_ROUTING_LATENCY = 53  # seconds of routing kernels per MoE layer per step
+P_MOE_ROUTING_BYTES = 54  # routing traffic per token, all MoE layers (bytes)
+P_MOE_ROUTING_RATE = 55  # achievable bandwidth of the routing kernels (bytes/s)
+P_MOE_GROUPED_GEMMS = 56  # grouped expert GEMM kernels per step (gate_up and down per layer)
+P_GROUPED_LATENCY = 57  # fixed seconds per grouped GEMM kernel
+P_MOE_TOUCHED = 58  # experts touched per MoE layer when known (> 0); 0: the uniform formula
+P_LINEAR_IO_BYTES = 59  # linear-attention activation bytes per token per layer on this GPU
+P_LINEAR_RATE = 60  # achievable FLOP/s of the linear-attention core
+P_LINEAR_BW = 61  # achievable bandwidth of the linear-attention core (bytes/s)
+P_LINEAR_DEC_LATENCY = 62  # seconds per linear-attention layer when the batch has decodes
+P_LINEAR_PRE_LATENCY = 63  # seconds per prefill sequence per linear-attention layer
+P_GROUP_SCALE = 64  # first of 8 multipliers (one per group, GROUP_NAMES order; 1.0 = as fitted)
 NUM_PARAMS = P_GROUP_SCALE + 8
 
-#: GEMM kernels per layer: fused qkv + o; fused gate_up + down; router + 2 grouped expert
-#: GEMMs (+2 for shared experts); Gated DeltaNet in_proj_qkvz + in_proj_ba + out_proj;
+#: GEMM kernels per layer: fused qkv + o; fused gate_up + down; router (+2 for shared
+#: experts) and 2 grouped expert GEMMs (their own latency); Gated DeltaNet in_proj_qkvz + in_proj_ba + out_proj;
 #: MLA q (or q_a + q_b), kv_a, kv_b, o.
 GEMMS_FULL_ATTENTION = 2
 GEMMS_MLA = 5
 GEMMS_LINEAR_ATTENTION = 3
 GEMMS_DENSE_MLP = 2
-GEMMS_MOE = 3
+GEMMS_MOE = 1
+GEMMS_GROUPED = 2
 GEMMS_SHARED_EXPERTS = 2
 
 #: Operator groups, in the order :func:`step_breakdown` reports them.
@@ -299,7 +328,24 @@ def build_cost_params(
 
     p[P_NUM_LINEAR_LAYERS] = n_lin
     if n_lin:
-        p[P_LINEAR_STATE_BYTES] = model.linear_state_bytes_per_layer("bf16") / tp
+        # the kernels keep the delta-rule state in fp32; the conv state stays bf16
+        conv_state = model.linear_conv_dim * (model.linear_conv_kernel_dim - 1) * 2.0
+        matrix_state = (
+            4.0
+            * model.linear_num_value_heads
+            * model.linear_key_head_dim
+            * model.linear_value_head_dim
+        )
+        p[P_LINEAR_STATE_BYTES] = (matrix_state + conv_state) / tp
+        # q, k (key heads), v and the output (value heads) in bf16, the gate (fp32), beta (bf16)
+        p[P_LINEAR_IO_BYTES] = (
+            act
+            * (
+                2.0 * model.linear_num_key_heads * model.linear_key_head_dim
+                + 2.0 * model.linear_num_value_heads * model.linear_value_head_dim
+            )
+            + 6.0 * model.linear_num_value_heads
+        ) / tp
         core = (
             6.0
             * model.linear_num_value_heads
@@ -308,6 +354,11 @@ def build_cost_params(
         )
         conv = 2.0 * model.linear_conv_dim * model.linear_conv_kernel_dim
         p[P_LINEAR_FLOPS_PER_TOKEN] = (core + conv) / tp
+
+    p[P_LINEAR_RATE] = hw.peak_flops.bf16 * hw.linear_attention_efficiency
+    p[P_LINEAR_BW] = hw.hbm_bandwidth * hw.linear_attention_bandwidth_efficiency
+    p[P_LINEAR_DEC_LATENCY] = hw.linear_attention_decode_latency_s
+    p[P_LINEAR_PRE_LATENCY] = hw.linear_attention_prefill_latency_s
 
     p[P_LM_HEAD_PARAMS] = model.vocab_size * h / tp
     p[P_VOCAB_PER_GPU] = model.vocab_size / tp
@@ -326,11 +377,30 @@ def build_cost_params(
     p[P_ATTN_DEC_RATE] = hw.hbm_bandwidth * hw.attention_decode_bandwidth_efficiency
     p[P_ELEM_RATE] = hw.hbm_bandwidth * hw.elementwise_bandwidth_efficiency
     p[P_GROUPED_EFF] = hw.grouped_gemm_efficiency
-    p[P_ATTN_DEC_FLOP_RATE] = hw.peak_flops.bf16 * hw.attention_decode_efficiency
+    kv_heads_gpu = 0.0 if model.is_mla else max(1, model.num_kv_heads // tp)
+    group = heads / kv_heads_gpu if kv_heads_gpu else 1.0
+    p[P_ATTN_DEC_FLOP_RATE] = hw.peak_flops.bf16 * hw.attention_decode_efficiency * group
     p[P_ATTN_DEC_SPLIT_BELOW] = hw.attention_decode_split_below
-    p[P_KV_HEADS_GPU] = 0.0 if model.is_mla else max(1, model.num_kv_heads // tp)
+    p[P_KV_HEADS_GPU] = kv_heads_gpu
+    if n_moe:
+        p[P_MOE_ROUTING_LATENCY] = hw.moe_routing_latency_s
+        p[P_MOE_ROUTING_BYTES] = n_moe * moe_routing_bytes_per_token(
+            model.num_experts, model.num_experts_per_tok, model.hidden_size
+        )
+    p[P_MOE_ROUTING_RATE] = hw.hbm_bandwidth * hw.moe_routing_bandwidth_efficiency
+    p[P_MOE_GROUPED_GEMMS] = n_moe * GEMMS_GROUPED
+    p[P_GROUPED_LATENCY] = hw.grouped_gemm_latency_s
     p[P_GROUP_SCALE : P_GROUP_SCALE + len(GROUP_NAMES)] = 1.0
     return p
+
+
+def moe_routing_bytes_per_token(experts: int, top_k: int, hidden: int) -> float:
+    """Bytes the routing kernels of one MoE layer move per token (as ``measure.py`` counts its
+    ``moe_routing`` rows): router logits read (bf16) and fp32 probabilities written and read
+    (``10*E``), the token's rows gathered into expert order (read + write, ``4*k*h``), the
+    expert outputs read, scaled and scatter-added back (``6*k*h``), the output zeroed and
+    written (``4*h``)."""
+    return 10.0 * experts + 10.0 * top_k * hidden + 4.0 * hidden
 
 
 @numba.njit(cache=True)
@@ -367,6 +437,7 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
     n_lin = params[P_NUM_LINEAR_LAYERS]
     lin_state = params[P_LINEAR_STATE_BYTES]
     lin_flops = params[P_LINEAR_FLOPS_PER_TOKEN]
+    lin_io = params[P_LINEAR_IO_BYTES]
 
     total = 0.0
     rows = 0.0
@@ -398,8 +469,9 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
             n_pre += 1.0
             pre_tok += q
         if n_lin > 0.0:
+            reads = 1.0 if (c > 0.0 or q <= decode_max) else 0.0  # a fresh prefill reads none
             la_f += n_lin * lin_flops * q
-            la_b += n_lin * (2.0 * lin_state + 2.0 * act * h * q / tp)
+            la_b += n_lin * ((1.0 + reads) * lin_state + lin_io * q)
 
     if total <= 0.0:  # nothing to compute: no step, no cost
         return (0.0,) * 16 + (0.0, 0.0, 0.0, 0.0, 0.0)
@@ -421,7 +493,9 @@ def _step_terms(params, new_tokens, context_tokens, num_seqs):
         expert = params[P_EXPERT_PARAMS]
         shared = params[P_SHARED_PARAMS]
         router = params[P_ROUTER_PARAMS]
-        touched = e * (1.0 - (1.0 - k / e) ** total)
+        touched = params[P_MOE_TOUCHED]
+        if touched <= 0.0:
+            touched = e * (1.0 - (1.0 - k / e) ** total)
         moe_f = n_moe * 2.0 * total * (k * expert + shared + router)
         moe_b = n_moe * ((touched * expert + shared) * wb + router * 2.0)
         moe_b += total * params[P_MOE_ACT_BYTES]
@@ -493,6 +567,12 @@ def _group_times(params, terms):
     dec_rate = params[P_ATTN_RATE]
     if n_dec * params[P_KV_HEADS_GPU] >= params[P_ATTN_DEC_SPLIT_BELOW] > 0.0:
         dec_rate = params[P_ATTN_DEC_FLOP_RATE]
+    lin_fixed = 0.0
+    if terms[10] > 0.0:
+        lin_fixed = params[P_NUM_LINEAR_LAYERS] * (
+            (params[P_LINEAR_DEC_LATENCY] if n_dec > 0.0 else 0.0)
+            + n_pre * params[P_LINEAR_PRE_LATENCY]
+        )
     dec_fixed = 0.0
     if n_dec > 0.0:
         dec_fixed = n_kv * (params[P_ATTN_DEC_LATENCY] + n_dec * params[P_ATTN_DEC_SEQ])
@@ -502,7 +582,7 @@ def _group_times(params, terms):
         terms[4] / (mm * g_eff) if has_moe > 0.0 else 0.0,
         terms[6] / at,
         terms[8] / dec_rate,
-        terms[10] / at,
+        terms[10] / params[P_LINEAR_RATE] if terms[10] > 0.0 else 0.0,
         terms[12] / head_rate,
         0.0,
     )
@@ -512,24 +592,34 @@ def _group_times(params, terms):
         terms[5] / (mem * g_eff) if has_moe > 0.0 else 0.0,
         terms[7] / dec_bw,
         terms[9] / dec_bw,
-        terms[11] / mem,
+        terms[11] / params[P_LINEAR_BW] if terms[11] > 0.0 else 0.0,
         terms[13] / mem,
         ar_time,
     )
     fixed = (
         params[P_PROJ_GEMMS] * lat if total > 0.0 else 0.0,
         params[P_DENSE_GEMMS] * lat * has_dense,
-        params[P_MOE_GEMMS] * lat * has_moe,
+        (
+            params[P_MOE_GEMMS] * lat
+            + params[P_MOE_GROUPED_GEMMS] * params[P_GROUPED_LATENCY]
+            + params[P_NUM_MOE_LAYERS] * params[P_MOE_ROUTING_LATENCY]
+        )
+        * has_moe,
         n_kv * (n_pre * params[P_ATTN_PRE_LATENCY] + pre_tok * params[P_ATTN_PRE_TOKEN]),
         dec_fixed,
-        0.0,
+        lin_fixed,
         lat * has_head,
         ar_fixed,
     )
     elementwise = (
         total * params[P_PROJ_ELEM_BYTES] / elem,
         total * params[P_DENSE_ELEM_BYTES] / elem,
-        total * params[P_MOE_ELEM_BYTES] / elem,
+        total * params[P_MOE_ELEM_BYTES] / elem
+        + (
+            total * params[P_MOE_ROUTING_BYTES] / params[P_MOE_ROUTING_RATE]
+            if has_moe > 0.0
+            else 0.0
+        ),
         0.0,
         0.0,
         0.0,
@@ -544,7 +634,7 @@ def _group_seconds(params, g, compute, memory, fixed, elementwise):
     """Seconds of group ``g``: the two roofline terms combined, plus fixed, times the group's
     multiplier (``params[P_GROUP_SCALE + g]``, 1.0 unless a prediction band perturbs it), plus
     the elementwise seconds."""
-    if g == G_LINEAR or g == G_ALLREDUCE:  # not calibrated: plain roofline
+    if g == G_LINEAR or g == G_ALLREDUCE:  # plain roofline max
         core = max(compute[g], memory[g])
     else:
         core = smooth_max(compute[g], memory[g], params[P_GEMM_P])

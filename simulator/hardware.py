@@ -70,17 +70,26 @@ class HardwareProfile(BaseModel):
     gemm_smoothness: float = Field(ge=1, le=64)  # p of (compute^p + memory^p)^(1/p)
     gemm_latency_s: float = Field(ge=0)  # fixed cost of one GEMM kernel (seconds)
     grouped_gemm_efficiency: float = Field(gt=0, le=1)  # grouped expert GEMMs vs dense GEMMs
+    grouped_gemm_latency_s: float = Field(ge=0)  # fixed cost of one grouped GEMM kernel (s)
+    moe_routing_latency_s: float = Field(ge=0)  # routing kernels per MoE layer per step (s)
+    moe_routing_bandwidth_efficiency: float = Field(gt=0, le=1)  # routing traffic, of hbm bw
     attention_prefill_latency_s: float = Field(ge=0)  # per prefill sequence per layer (s)
     attention_prefill_token_s: float = Field(ge=0)  # per prefill query token per layer (s)
     attention_decode_latency_s: float = Field(ge=0)  # per layer with decodes (s)
     attention_decode_seq_s: float = Field(ge=0)  # per decode sequence per layer (s)
     attention_decode_bandwidth_efficiency: float = Field(gt=0, le=1)  # KV read, of hbm_bandwidth
-    attention_decode_efficiency: float = Field(gt=0, le=1)  # of bf16 peak, unsplit decode kernel
+    # of bf16 peak, unsplit decode kernel, FLOPs of one query head per KV head (see costmodel)
+    attention_decode_efficiency: float = Field(gt=0, le=1)
     attention_decode_split_below: float = Field(
         ge=0
     )  # decode seqs x KV heads under which KV splits
     elementwise_bandwidth_efficiency: float = Field(gt=0, le=1)  # norms, SiLU, adds; of hbm bw
     elementwise_latency_s: float = Field(ge=0)  # fixed cost of one small elementwise kernel (s)
+    # Gated DeltaNet core (flash-linear-attention kernels; see costmodel)
+    linear_attention_efficiency: float = Field(gt=0, le=1)  # of bf16 peak, prefill chunks
+    linear_attention_bandwidth_efficiency: float = Field(gt=0, le=1)  # state traffic, of hbm
+    linear_attention_decode_latency_s: float = Field(ge=0)  # per layer with decodes (s)
+    linear_attention_prefill_latency_s: float = Field(ge=0)  # per prefill sequence per layer (s)
 
     calibrated: bool = False  # True when fitted and validate-steps meets its targets here
     calibration: dict[str, Any] | None = None  # where the fit came from, residuals per group

@@ -21,10 +21,17 @@ Method (see the docstrings below for each kind):
   from HBM), final norm and LM head, built from the same torch ops as the operator rows; timed as
   one CUDA graph (``seconds_graph``) and eagerly (``seconds_eager``). They are kept apart in
   ``steps.csv`` and never used for fitting.
+- Whole steps of Qwen3-30B-A3B (section ``moe_steps``, rows of ``steps.csv``): 48 layers with
+  real top-8 routing and ``torch._grouped_mm`` experts, the experts each layer touched recorded.
+  Beside them (not in the default sections): ``moe_routing`` (the routing kernels alone),
+  ``moe_routed`` (expert GEMMs under real routing), ``attention_decode_qwen3``, ``gdn`` (Gated
+  DeltaNet kernels of flash-linear-attention where it imports, plus plain-torch proxies) and
+  ``steps_recheck`` (a few Llama steps again, to compare runs of different days).
 
 Output: one CSV per kind (``gemm.csv``, ``attention_prefill.csv``, ``attention_decode.csv``,
-``moe.csv``, ``elementwise.csv``, ``memcpy.csv``, ``launch.csv``, ``steps.csv``) with units in the
-column names, and ``metadata.json`` (GPU, software versions, date, methods, checks, errors).
+``moe.csv``, ``elementwise.csv``, ``memcpy.csv``, ``launch.csv``, ``steps.csv``, and those of the
+sections above) with units in the column names, and ``metadata.json`` (GPU, software versions,
+date, methods, checks, errors).
 """
 
 from __future__ import annotations
@@ -66,6 +73,18 @@ QWEN_MOE = dict(
     moe_inter=768,
     experts=128,
     top_k=8,
+    layers=48,
+    vocab=151936,
+)
+# Gated DeltaNet (linear-attention) layers of Qwen3.5-35B-A3B
+QWEN35_GDN = dict(
+    name="qwen3.5-35b-a3b",
+    hidden=2048,
+    key_heads=16,
+    value_heads=32,
+    key_dim=128,
+    value_dim=128,
+    conv_kernel=4,
 )
 
 # (model, op, N, K): y[M, N] = x[M, K] @ W[N, K]^T
@@ -481,12 +500,12 @@ def sec_attention_prefill(cx: Ctx, w: Writer) -> None:
     log(f"  attention_prefill done ({cx.left():.0f} s left)")
 
 
-def sec_attention_decode(cx: Ctx, w: Writer) -> None:
+def sec_attention_decode(cx: Ctx, w: Writer, cfg: dict = LLAMA, kind="attention_decode") -> None:
     """One query token per sequence over ``context`` cached tokens (+ itself), batch x context."""
     dev = cx.device
-    hq, hk, d = LLAMA["heads"], LLAMA["kv_heads"], LLAMA["head_dim"]
+    hq, hk, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     if cx.dry:
-        hq, hk = 8, 2
+        hq, hk = hq // 4, hk // 4 or 1
     bs = [1, 4, 16, 64, 128, 256] if not cx.dry else [1, 4]
     cs = [256, 1024, 4096, 16384, 65536] if not cx.dry else [16, 64]
     for b in bs:
@@ -514,9 +533,9 @@ def sec_attention_decode(cx: Ctx, w: Writer) -> None:
             flops = 4.0 * hq * d * b * kv
             nbytes = 2.0 * (2 * b * hq * d + 2 * b * kv * hk * d)
             w.row(
-                "attention_decode",
+                kind,
                 dict(
-                    model=LLAMA["name"] if not cx.dry else "tiny",
+                    model=cfg["name"] if not cx.dry else "tiny",
                     heads=hq,
                     kv_heads=hk,
                     head_dim=d,
@@ -531,7 +550,13 @@ def sec_attention_decode(cx: Ctx, w: Writer) -> None:
                 ),
             )
             del bufs
-    log(f"  attention_decode done ({cx.left():.0f} s left)")
+    log(f"  {kind} done ({cx.left():.0f} s left)")
+
+
+def sec_attention_decode_qwen3(cx: Ctx, w: Writer) -> None:
+    """Decode attention with Qwen3-30B-A3B's heads (32 query, 4 KV: 8 query heads per KV head,
+    twice Llama-3.1-8B's group) in ``attention_decode_qwen3.csv``."""
+    sec_attention_decode(cx, w, QWEN_MOE, "attention_decode_qwen3")
 
 
 def sec_moe(cx: Ctx, w: Writer) -> None:
@@ -992,6 +1017,692 @@ def sec_steps(cx: Ctx, w: Writer) -> None:
     log(f"  steps done ({cx.left():.0f} s left)")
 
 
+# ------------------------------------------------------------------- MoE whole steps (Qwen3)
+
+
+def moe_route(hn, router_w, e: int, k: int, ones):
+    """Router GEMM, softmax, top-k (weights renormalised, Qwen3's norm_topk_prob) and the
+    dispatch order: assignments sorted by expert. Returns (order, src_token, weights in sorted
+    order, per-expert counts (int32), offsets (int32 cumsum))."""
+    logits = F.linear(hn, router_w)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    topw, ids = torch.topk(probs, k, dim=-1)
+    topw = topw / topw.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    _, order = torch.sort(flat, stable=True)
+    src = torch.div(order, k, rounding_mode="floor")
+    counts = torch.zeros(e, device=hn.device, dtype=torch.int32).scatter_add_(
+        0, flat, ones[: flat.numel()]
+    )
+    offs = counts.cumsum(0, dtype=torch.int32)
+    wts = topw.reshape(-1).index_select(0, order).to(hn.dtype)
+    return src, wts, counts, offs
+
+
+def moe_experts(xs, w13, w2, offs, counts, f: int, grouped: bool):
+    """gate_up, SiLU and mul, down over rows sorted by expert: ``torch._grouped_mm`` per
+    projection, or (no grouped kernel, e.g. on a CPU) a loop of ``F.linear`` per expert."""
+    if grouped:
+        gu = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs, out_dtype=torch.bfloat16)
+        act = F.silu(gu[:, :f]) * gu[:, f:]
+        return torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs, out_dtype=torch.bfloat16)
+    outs = []
+    start = 0
+    for j, cnt in enumerate(counts.tolist()):
+        if cnt:
+            gu = F.linear(xs[start : start + cnt], w13[j])
+            outs.append(F.linear(F.silu(gu[:, :f]) * gu[:, f:], w2[j]))
+        start += cnt
+    return torch.cat(outs)
+
+
+def moe_block(hn, L, c: dict, ones, grouped: bool, record: list | None = None):
+    """One Qwen3 MoE block (no shared expert): route, dispatch (gather rows by expert), grouped
+    expert GEMMs, combine (scale by the routing weight, scatter-add back to the tokens)."""
+    src, wts, counts, offs = moe_route(hn, L["router"], c["experts"], c["top_k"], ones)
+    if record is not None:
+        record.append(int((counts > 0).sum().item()))
+    xs = hn.index_select(0, src)
+    y = moe_experts(xs, L["w13"], L["w2"], offs, counts, c["moe_inter"], grouped)
+    y = y * wts[:, None]
+    return torch.zeros_like(hn).index_add_(0, src, y)
+
+
+def moe_reference(hn, L, c: dict):
+    """fp32 per-token reference of :func:`moe_block` (for the correctness check)."""
+    f = c["moe_inter"]
+    x = hn.float()
+    probs = torch.softmax(x @ L["router"].float().t(), dim=-1)
+    topw, ids = torch.topk(probs, c["top_k"], dim=-1)
+    topw = topw / topw.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(c["top_k"]):
+            e = int(ids[t, j])
+            gu = x[t] @ L["w13"][e].float().t()
+            out[t] += topw[t, j] * ((F.silu(gu[:f]) * gu[f:]) @ L["w2"][e].float().t())
+    return out
+
+
+class QwenMoe:
+    """Qwen3-30B-A3B forward over a batch: 48 decoder layers, final RMSNorm and the LM head on
+    one row per sequence (fp32 logits). Attention as in :class:`Llama` plus Qwen3's per-head
+    RMSNorm on q and k; the MLP is :func:`moe_block` (router, top-8 of 128 experts by real
+    routing of the batch's hidden states, grouped expert GEMMs). The 48 layers cycle over
+    ``sets`` distinct weight sets (each set's experts are 1.2 GB, 24x the L2 cache, so every
+    layer streams its weights from HBM)."""
+
+    def __init__(self, cx: Ctx, weight_gib: float, residual_scale: bool = False):
+        self.cx = cx
+        dev = cx.device
+        c = dict(QWEN_MOE)
+        if cx.dry:
+            c.update(
+                hidden=64,
+                heads=4,
+                kv_heads=2,
+                head_dim=16,
+                moe_inter=32,
+                experts=16,
+                top_k=4,
+                layers=2,
+                vocab=256,
+            )
+        self.c = c
+        h, d, hq, hk = c["hidden"], c["head_dim"], c["heads"], c["kv_heads"]
+        e, f = c["experts"], c["moe_inter"]
+        set_bytes = 2 * ((hq + 2 * hk) * d * h + h * hq * d + e * h + 3 * e * h * f)
+        n_sets = max(2, min(c["layers"], int(weight_gib * GiB // set_bytes)))
+        # all weights at 0.02 (what the committed rows ran). With it the causal prefill's
+        # averaged attention outputs pile up in the residual stream, the tokens' hidden states
+        # converge and the router sends them to few experts (measured: 45 of 128 touched by 128
+        # prefill tokens; decode batches of independent sequences route uniformly).
+        # --moe-residual-scale puts the output projections (o, expert down) at 0.02 /
+        # sqrt(2 x layers) (GPT-2's residual scaling) to keep the tokens apart.
+        out_scale = 0.02 / math.sqrt(2 * c["layers"]) if residual_scale else 0.02
+        self.sets = []
+        for _ in range(n_sets):
+            self.sets.append(
+                dict(
+                    n1=1.0 + rnd((h,), dev, scale=0.01),
+                    qkv=rnd(((hq + 2 * hk) * d, h), dev, scale=0.02),
+                    qn=1.0 + rnd((d,), dev, scale=0.01),
+                    kn=1.0 + rnd((d,), dev, scale=0.01),
+                    o=rnd((h, hq * d), dev, scale=out_scale),
+                    n2=1.0 + rnd((h,), dev, scale=0.01),
+                    router=rnd((e, h), dev, scale=0.02),
+                    w13=rnd((e, 2 * f, h), dev, scale=0.02),
+                    w2=rnd((e, h, f), dev, scale=out_scale),
+                )
+            )
+        self.norm = 1.0 + rnd((h,), dev, scale=0.01)
+        self.head = rnd((c["vocab"], h), dev, scale=0.02)
+        self.has_rms = hasattr(F, "rms_norm")
+        self.grouped = dev == "cuda" and hasattr(torch, "_grouped_mm")
+        self.max_tokens = 1 << 15
+        self.ones = torch.ones(self.max_tokens * c["top_k"], device=dev, dtype=torch.int32)
+
+    def check(self) -> float:
+        """Relative error of the MoE block against the fp32 per-token reference (5 tokens)."""
+        hn = rnd((5, self.c["hidden"]), self.cx.device)
+        L = self.sets[0]
+        got = moe_block(hn, L, self.c, self.ones, self.grouped).float()
+        ref = moe_reference(hn, L, self.c)
+        return ((got - ref).norm() / ref.norm()).item()
+
+    def make_step(self, pre_new, pre_ctx, dec_batch, dec_ctx):
+        """Build buffers for one batch; returns ``step(record=None)`` running the forward
+        (``record``: a list that gets the number of experts touched in every layer)."""
+        cx, dev, c = self.cx, self.cx.device, self.c
+        h, d, hq, hk = c["hidden"], c["head_dim"], c["heads"], c["kv_heads"]
+        t = pre_new + dec_batch
+        per_layer_kv = 2 * 2 * hk * d * ((pre_ctx + pre_new) + dec_batch * (dec_ctx + 1))
+        n_kv = max(2, min(c["layers"], int(cx.args.kv_budget_gib * GiB // per_layer_kv)))
+        kv = []
+        for _ in range(n_kv):
+            kvp = (
+                (rnd((1, pre_ctx + pre_new, hk, d), dev), rnd((1, pre_ctx + pre_new, hk, d), dev))
+                if pre_new
+                else None
+            )
+            kvd = (
+                (
+                    rnd((dec_batch, dec_ctx + 1, hk, d), dev),
+                    rnd((dec_batch, dec_ctx + 1, hk, d), dev),
+                )
+                if dec_batch
+                else None
+            )
+            kv.append((kvp, kvd))
+        x0 = rnd((t, h), dev)
+        pos = torch.cat(
+            [
+                torch.arange(pre_ctx, pre_ctx + pre_new, device=dev),
+                torch.full((dec_batch,), dec_ctx, device=dev),
+            ]
+        ).float()
+        inv = 1.0 / (1000000.0 ** (torch.arange(0, d, 2, device=dev).float() / d))
+        ang = pos[:, None] * inv[None, :]
+        cos = ang.cos().to(torch.bfloat16)[:, None, :]
+        sin = ang.sin().to(torch.bfloat16)[:, None, :]
+        last = []
+        if pre_new:
+            last.append(pre_new - 1)
+        last += list(range(pre_new, t))
+        last_idx = torch.tensor(last, device=dev, dtype=torch.long)
+        attn = cx.attn
+        sets = self.sets
+        has_rms = self.has_rms
+        grouped = self.grouped
+        ones = self.ones
+        layers = c["layers"]
+
+        def step(record=None):
+            x = x0
+            for li in range(layers):
+                L = sets[li % len(sets)]
+                kvp, kvd = kv[li % n_kv]
+                hn = rms_norm(x, L["n1"], has_rms)
+                qkv = F.linear(hn, L["qkv"]).view(t, hq + 2 * hk, d)
+                q = rope_half(rms_norm(qkv[:, :hq], L["qn"], has_rms), cos, sin)
+                k = rope_half(rms_norm(qkv[:, hq : hq + hk], L["kn"], has_rms), cos, sin)
+                v = qkv[:, hq + hk :]
+                outs = []
+                if pre_new:
+                    kvp[0][0, pre_ctx:].copy_(k[:pre_new])
+                    kvp[1][0, pre_ctx:].copy_(v[:pre_new])
+                    outs.append(attn(q[None, :pre_new], kvp[0], kvp[1], True)[0])
+                if dec_batch:
+                    kvd[0][:, dec_ctx].copy_(k[pre_new:])
+                    kvd[1][:, dec_ctx].copy_(v[pre_new:])
+                    outs.append(attn(q[pre_new:, None], kvd[0], kvd[1], True)[:, 0])
+                a = outs[0] if len(outs) == 1 else torch.cat(outs)
+                x = x + F.linear(a.reshape(t, hq * d), L["o"])
+                hn = rms_norm(x, L["n2"], has_rms)
+                x = x + moe_block(hn, L, c, ones, grouped, record)
+            hn = rms_norm(x.index_select(0, last_idx), self.norm, has_rms)
+            return F.linear(hn, self.head).float()
+
+        return step
+
+
+def step_cases(dry: bool) -> list[tuple[int, int, int, int]]:
+    """(prefill new, prefill context, decode batch, decode context) of the whole-step rows."""
+    if dry:
+        return [(16, 0, 0, 0), (0, 0, 4, 32), (8, 16, 2, 16)]
+    cases = [(q, 0, 0, 0) for q in (128, 512, 1024, 2048, 4096, 8192)]
+    cases += [(2048, 2048, 0, 0), (2048, 8192, 0, 0), (512, 4096, 0, 0), (8192, 8192, 0, 0)]
+    cases += [
+        (0, 0, b, c)
+        for b in (1, 8, 32, 64, 128, 256)
+        for c in (512, 2048, 8192)
+        if b * c <= (1 << 21)
+    ]
+    cases += [
+        (512, 0, 32, 2048),
+        (2048, 0, 32, 2048),
+        (2048, 4096, 64, 1024),
+        (512, 2048, 128, 4096),
+        (1024, 0, 16, 8192),
+        (256, 8192, 64, 2048),
+        (4096, 0, 8, 4096),
+    ]
+    return cases
+
+
+def sec_moe_steps(cx: Ctx, w: Writer) -> None:
+    """Whole forward steps of Qwen3-30B-A3B (validation only, never fitted): rows of
+    ``steps.csv`` with ``model`` = qwen3-30b-a3b, plus the experts the routing touched."""
+    model = QwenMoe(cx, cx.args.moe_weight_gib, cx.args.moe_residual_scale)
+    c = model.c
+    checks = cx.sections.setdefault("checks", {})
+    try:
+        checks["moe_block_rel_error"] = model.check()
+    except Exception as exc:  # noqa: BLE001
+        cx.error("moe block check", exc)
+    checks["moe_steps_weight_sets"] = len(model.sets)
+    checks["moe_steps_method"] = "grouped_mm" if model.grouped else "loop"
+    checked = False
+    for pre_new, pre_ctx, dec_b, dec_c in step_cases(cx.dry):
+        if cx.left() < 0:
+            return
+        kind = "mixed" if pre_new and dec_b else ("prefill" if pre_new else "decode")
+        touched: list[int] = []
+        try:
+            step = model.make_step(pre_new, pre_ctx, dec_b, dec_c)
+            out = step(touched)
+            if not checked:
+                checks["moe_step_logits_finite"] = bool(torch.isfinite(out).all().item())
+                checked = True
+            rg = cx.timer.graph(lambda i, step=step: step(), 1, 1)
+            re_ = cx.timer.eager(lambda i, step=step: step(), 1, 1)
+        except Exception as exc:  # noqa: BLE001
+            cx.error(f"moe step {kind} {pre_new}@{pre_ctx} + {dec_b}x1@{dec_c}", exc)
+            continue
+        finally:
+            step = None
+            if cx.device == "cuda":
+                torch.cuda.empty_cache()
+        tokens = pre_new + dec_b
+        e, k = c["experts"], c["top_k"]
+        w.row(
+            "steps",
+            dict(
+                model=QWEN_MOE["name"] if not cx.dry else "tiny-moe",
+                kind=kind,
+                layers=c["layers"],
+                prefill_new_tokens=pre_new,
+                prefill_context_tokens=pre_ctx,
+                decode_batch=dec_b,
+                decode_context_tokens=dec_c,
+                seconds_graph=rg["seconds"],
+                seconds_graph_min=rg["seconds_min"],
+                seconds_graph_max=rg["seconds_max"],
+                seconds_eager=re_["seconds"],
+                sm_clock_mhz=rg.get("sm_clock_mhz", -1.0),
+                attention_method=cx.attn.method,
+                timing=rg["timing"],
+                moe_method="grouped_mm" if model.grouped else "loop",
+                weight_sets=len(model.sets),
+                residual_scale=bool(cx.args.moe_residual_scale),
+                experts_touched_mean=sum(touched) / max(1, len(touched)),
+                experts_touched_expected=round(e * (1.0 - (1.0 - k / e) ** tokens), 2),
+            ),
+        )
+        log(
+            f"  moe step {kind:7s} {pre_new}@{pre_ctx} + {dec_b}x1@{dec_c}: "
+            f"graph {rg['seconds'] * 1e3:.3f} ms, eager {re_['seconds'] * 1e3:.3f} ms, "
+            f"experts touched {sum(touched) / max(1, len(touched)):.1f}"
+        )
+    log(f"  moe steps done ({cx.left():.0f} s left)")
+
+
+def sec_moe_routing(cx: Ctx, w: Writer) -> None:
+    """The MoE block minus its GEMMs (router and experts), T tokens of Qwen3-30B-A3B: softmax,
+    top-8, renormalise, sort by expert, counts and offsets, gather of the rows (dispatch), and
+    scaling by the routing weight plus scatter-add back to the tokens (combine). Operator rows
+    (``moe_routing.csv``) for the per-MoE-layer routing cost."""
+    dev = cx.device
+    c = dict(QWEN_MOE)
+    if cx.dry:
+        c.update(hidden=64, experts=16, top_k=4)
+    h, e, k = c["hidden"], c["experts"], c["top_k"]
+    ts = [1, 4, 16, 64, 256, 1024, 4096, 16384] if not cx.dry else [1, 8]
+    ones = torch.ones(max(ts) * k, device=dev, dtype=torch.int32)
+    for t in ts:
+        if cx.left() < 0:
+            return
+        set_bytes = 2 * (t * e + t * h + 2 * t * k * h)
+        nb = n_buffers(set_bytes, cx.l2, cap_bytes=2 * GiB, most=16)
+        bufs = [(rnd((t, h), dev), rnd((t * k, h), dev)) for _ in range(nb)]
+        router = rnd((e, h), dev, scale=0.02)
+        logits = [F.linear(b[0], router) for b in bufs]
+
+        def fn(i, bufs=bufs, logits=logits):
+            hn, y = bufs[i]
+            probs = torch.softmax(logits[i], dim=-1, dtype=torch.float32)
+            topw, ids = torch.topk(probs, k, dim=-1)
+            topw = topw / topw.sum(-1, keepdim=True)
+            flat = ids.reshape(-1)
+            _, order = torch.sort(flat, stable=True)
+            src = torch.div(order, k, rounding_mode="floor")
+            counts = torch.zeros(e, device=dev, dtype=torch.int32).scatter_add_(
+                0, flat, ones[: flat.numel()]
+            )
+            counts.cumsum(0, dtype=torch.int32)
+            wts = topw.reshape(-1).index_select(0, order).to(hn.dtype)
+            xs = hn.index_select(0, src)
+            out = torch.zeros_like(hn).index_add_(0, src, y * wts[:, None])
+            return xs, out
+
+        try:
+            r = cx.timer.graph(fn, nb)
+        except Exception as exc:  # noqa: BLE001
+            cx.error(f"moe_routing T={t}", exc)
+            continue
+        # logits (bf16) read, probabilities (fp32) written and read, gathered rows read and
+        # written, expert outputs read, scaled copy written and read, output zeroed and written
+        nbytes = 2 * t * e + 8 * t * e + 2 * (2 * t * k * h) + 2 * (3 * t * k * h) + 2 * 2 * t * h
+        w.row(
+            "moe_routing",
+            dict(
+                model=QWEN_MOE["name"] if not cx.dry else "tiny",
+                hidden=h,
+                experts=e,
+                top_k=k,
+                tokens=t,
+                bytes=nbytes,
+                n_buffers=nb,
+                **r,
+            ),
+        )
+        del bufs, logits
+    log(f"  moe_routing done ({cx.left():.0f} s left)")
+
+
+def sec_moe_routed(cx: Ctx, w: Writer) -> None:
+    """Expert GEMMs as the whole MoE step runs them (``moe_routed.csv``, the columns of
+    ``moe.csv``): T random tokens routed by a random router (real top-8 of 128), one
+    ``torch._grouped_mm`` per projection over all 128 experts with the routing's offsets (empty
+    groups included), SiLU and mul between. Each rotating input set routes differently, so the
+    experts it touches differ from set to set and their weights come from HBM."""
+    dev = cx.device
+    c = dict(QWEN_MOE)
+    if cx.dry:
+        c.update(hidden=64, moe_inter=32, experts=16, top_k=4)
+    h, f, e, k = c["hidden"], c["moe_inter"], c["experts"], c["top_k"]
+    ts = [1, 4, 16, 64, 256, 1024, 4096, 16384] if not cx.dry else [1, 8]
+    w13 = rnd((e, 2 * f, h), dev, scale=0.02)
+    w2 = rnd((e, h, f), dev, scale=0.02)
+    router = rnd((e, h), dev, scale=0.02)
+    ones = torch.ones(max(ts) * k, device=dev, dtype=torch.int32)
+    grouped = dev == "cuda" and hasattr(torch, "_grouped_mm")
+    expert_bytes = 3 * h * f * 2
+    for t in ts:
+        if cx.left() < 0:
+            return
+        expected = e * (1.0 - (1.0 - k / e) ** t)
+        nb = max(1, min(16, n_buffers(expected * expert_bytes, cx.l2, most=16)))
+        bufs = []
+        touched = []
+        for _ in range(nb):
+            hn = rnd((t, h), dev)
+            src, _, counts, offs = moe_route(hn, router, e, k, ones)
+            bufs.append((hn.index_select(0, src), offs, counts))
+            touched.append(int((counts > 0).sum().item()))
+
+        def fn(i, bufs=bufs):
+            xs, offs, counts = bufs[i]
+            return moe_experts(xs, w13, w2, offs, counts, f, grouped)
+
+        try:
+            r = cx.timer.graph(fn, nb)
+        except Exception as exc:  # noqa: BLE001
+            cx.error(f"moe_routed T={t}", exc)
+            continue
+        ne = sum(touched) / len(touched)
+        assign = t * k
+        w_bytes = ne * expert_bytes
+        act_bytes = 2.0 * assign * (h + 2 * f + 2 * f + f + f + h)
+        w.row(
+            "moe_routed",
+            dict(
+                model=QWEN_MOE["name"] if not cx.dry else "tiny",
+                hidden=h,
+                moe_inter=f,
+                top_k=k,
+                tokens=t,
+                experts_touched=round(ne, 2),
+                expected_touched=round(expected, 2),
+                flops=2.0 * assign * 3 * h * f,
+                weight_bytes=w_bytes,
+                bytes=w_bytes + act_bytes,
+                n_buffers=nb,
+                method="grouped_mm_all_experts" if grouped else "loop",
+                **r,
+            ),
+        )
+        del bufs
+    log(f"  moe_routed done ({cx.left():.0f} s left)")
+
+
+def sec_steps_recheck(cx: Ctx, w: Writer) -> None:
+    """A few Llama-3.1-8B whole steps again (``steps_recheck.csv``): the same cases as rows of
+    ``steps.csv`` measured on an earlier day, to tell a different machine or day from a model
+    error when new step rows are compared with the cost model."""
+    layers = LLAMA["layers"] if not cx.dry else 2
+    model = Llama(cx, layers)
+    cases = [(512, 0, 0, 0), (2048, 0, 0, 0), (0, 0, 1, 2048), (0, 0, 64, 2048), (0, 0, 256, 2048)]
+    cases += [(512, 0, 32, 2048)]
+    if cx.dry:
+        cases = [(16, 0, 0, 0), (0, 0, 4, 32)]
+    for pre_new, pre_ctx, dec_b, dec_c in cases:
+        if cx.left() < 0:
+            return
+        kind = "mixed" if pre_new and dec_b else ("prefill" if pre_new else "decode")
+        try:
+            step = model.make_step(pre_new, pre_ctx, dec_b, dec_c)
+            rg = cx.timer.graph(lambda i, step=step: step(), 1, 1)
+        except Exception as exc:  # noqa: BLE001
+            cx.error(f"recheck step {kind} {pre_new}@{pre_ctx} + {dec_b}x1@{dec_c}", exc)
+            continue
+        finally:
+            step = None
+            if cx.device == "cuda":
+                torch.cuda.empty_cache()
+        w.row(
+            "steps_recheck",
+            dict(
+                model=LLAMA["name"] if not cx.dry else "tiny",
+                kind=kind,
+                layers=layers,
+                prefill_new_tokens=pre_new,
+                prefill_context_tokens=pre_ctx,
+                decode_batch=dec_b,
+                decode_context_tokens=dec_c,
+                seconds_graph=rg["seconds"],
+                seconds_graph_min=rg["seconds_min"],
+                seconds_graph_max=rg["seconds_max"],
+                sm_clock_mhz=rg.get("sm_clock_mhz", -1.0),
+            ),
+        )
+        log(
+            f"  recheck {kind:7s} {pre_new}@{pre_ctx} + {dec_b}x1@{dec_c}: {rg['seconds'] * 1e3:.3f} ms"
+        )
+    del model
+    if cx.device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"  steps_recheck done ({cx.left():.0f} s left)")
+
+
+# ------------------------------------------------------------- Gated DeltaNet (Qwen3.5 GDN)
+
+
+def gdn_recurrent_torch(q, k, v, g, beta, state):
+    """One decode step of the gated delta rule in plain torch ops (unfused; what the
+    ``torch_recurrent`` rows time). q, k: [B, H, K] (l2-normalised, q scaled); v: [B, H, V];
+    g: [B, H] log-decay; beta: [B, H]; state: [B, H, K, V] fp32. Returns (out [B, H, V], new
+    state)."""
+    s = state * g.exp()[..., None, None]
+    kv_mem = (s * k[..., None]).sum(-2)
+    delta = (v - kv_mem) * beta[..., None]
+    s = s + k[..., None] * delta[..., None, :]
+    return (s * q[..., None]).sum(-2), s
+
+
+def _l2n(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def load_fla():
+    """flash-linear-attention's gated-delta-rule kernels, or the reason they are unavailable."""
+    try:
+        import fla  # noqa: F401
+        from fla.ops.gated_delta_rule import (
+            chunk_gated_delta_rule,
+            fused_recurrent_gated_delta_rule,
+        )
+    except Exception as exc:  # noqa: BLE001
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    import fla as fla_mod
+
+    return (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule), getattr(
+        fla_mod, "__version__", "unknown"
+    )
+
+
+def sec_gdn(cx: Ctx, w: Writer) -> None:
+    """Gated DeltaNet layer core of Qwen3.5-35B-A3B (16 key heads, 32 value heads, d_k = d_v =
+    128). With flash-linear-attention installed: its Triton kernels, ``chunk_gated_delta_rule``
+    for a prefill chunk (batch 1 x T tokens) and ``fused_recurrent_gated_delta_rule`` for a
+    decode step (B sequences x 1 token, fp32 state read and written), 16 q/k heads shared by
+    32 value heads inside the kernel (its grouped-value mode). Always, as proxies: the
+    decode step in plain torch ops (``torch_recurrent``) and a bare read + write of the fp32
+    state (``torch_state_rw``, the roofline's minimum traffic). Rows in ``gdn.csv``."""
+    dev = cx.device
+    c = dict(QWEN35_GDN)
+    if cx.dry:
+        c.update(key_heads=2, value_heads=4, key_dim=16, value_dim=16)
+    hk, hv, dk, dv = c["key_heads"], c["value_heads"], c["key_dim"], c["value_dim"]
+    rep = hv // hk
+    kern, info = load_fla() if dev == "cuda" else (None, "not tried on the CPU")
+    checks = cx.sections.setdefault("checks", {})
+    checks["gdn_fla"] = info if kern is None else f"flash-linear-attention {info}"
+    log(f"  gdn kernel: {checks['gdn_fla']}")
+    flops_tok = 6.0 * hv * dk * dv  # the cost model's per-token core FLOPs
+    state_b = 4 * hv * dk * dv  # fp32 delta-rule state per sequence
+
+    def inputs(b, t):
+        q = _l2n(torch.randn((b, t, hk, dk), device=dev))
+        k = _l2n(torch.randn((b, t, hk, dk), device=dev))
+        v = torch.randn((b, t, hv, dv), device=dev)
+        g = -torch.rand((b, t, hv), device=dev) * 0.1 - 0.01
+        beta = torch.rand((b, t, hv), device=dev).sigmoid()
+        return q, k, v, g, beta
+
+    if kern is not None:
+        chunk, recur = kern
+        cases_only_check = cx.args.gdn_budget_s <= 0
+        try:  # fused recurrent step against the torch recurrence
+            q, k, v, g, beta = inputs(3, 1)
+            s0 = torch.randn((3, hv, dk, dv), device=dev) * 0.1
+            o, s1 = recur(
+                q.bfloat16(),
+                k.bfloat16(),
+                v.bfloat16(),
+                g,
+                beta.bfloat16(),
+                scale=dk**-0.5,
+                initial_state=s0,
+                output_final_state=True,
+            )
+            ro, rs = gdn_recurrent_torch(
+                q[:, 0].repeat_interleave(rep, dim=1) * dk**-0.5,
+                k[:, 0].repeat_interleave(rep, dim=1),
+                v[:, 0],
+                g[:, 0],
+                beta[:, 0],
+                s0,
+            )
+            checks["gdn_fla_recurrent_rel_error"] = (
+                (o[:, 0].float() - ro).norm() / ro.norm()
+            ).item()
+            checks["gdn_fla_state_rel_error"] = ((s1.float() - rs).norm() / rs.norm()).item()
+            checks["gdn_check_finite"] = {
+                "fla_out": bool(torch.isfinite(o).all().item()),
+                "fla_state": bool(torch.isfinite(s1).all().item()),
+                "torch_out": bool(torch.isfinite(ro).all().item()),
+                "torch_state": bool(torch.isfinite(rs).all().item()),
+                "fla_out_shape": list(o.shape),
+                "fla_state_shape": list(s1.shape),
+            }
+        except Exception as exc:  # noqa: BLE001
+            cx.error("gdn fla check", exc)
+            kern = None
+    if kern is not None and cases_only_check:
+        log(f"  gdn check only: {checks}")
+        return
+    cases = []
+    bs = [1, 4, 16, 64, 128, 256] if not cx.dry else [1, 4]
+    for b in bs:
+        cases += [("decode", "torch_state_rw", b, 1), ("decode", "torch_recurrent", b, 1)]
+        if kern is not None:
+            cases.append(("decode", "fla_fused_recurrent", b, 1))
+    if kern is not None:
+        for t in (64, 256, 1024, 4096, 16384):
+            cases.append(("prefill", "fla_chunk", 1, t))
+    t_stop = time.monotonic() + cx.args.gdn_budget_s
+    for phase, method, b, t in cases:
+        if cx.left() < 0 or time.monotonic() > t_stop:
+            cx.errors.append(f"gdn stopped before {phase} {method} B={b} T={t}: budget")
+            return
+        set_bytes = b * state_b + b * t * 2 * (2 * hk * dk + 2 * hv * dv)
+        nb = n_buffers(set_bytes, cx.l2, cap_bytes=4 * GiB, most=16)
+        try:
+            bufs = []
+            for _ in range(nb):
+                q, k, v, g, beta = inputs(b, t)
+                s0 = torch.randn((b, hv, dk, dv), device=dev) * 0.1
+                bufs.append((q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta.bfloat16(), s0))
+            if method == "torch_state_rw":
+                outs = [torch.empty_like(x[5]) for x in bufs]
+                decay = [x[3][:, 0].exp()[..., None, None] for x in bufs]
+
+                def fn(i, bufs=bufs, outs=outs, decay=decay):
+                    torch.mul(bufs[i][5], decay[i], out=outs[i])
+
+            elif method == "torch_recurrent":
+
+                def fn(i, bufs=bufs):
+                    q, k, v, g, beta, s0 = bufs[i]
+                    return gdn_recurrent_torch(
+                        q[:, 0].float().repeat_interleave(rep, dim=1) * dk**-0.5,
+                        k[:, 0].float().repeat_interleave(rep, dim=1),
+                        v[:, 0].float(),
+                        g[:, 0],
+                        beta[:, 0].float(),
+                        s0,
+                    )
+
+            elif method == "fla_fused_recurrent":
+
+                def fn(i, bufs=bufs):
+                    q, k, v, g, beta, s0 = bufs[i]
+                    return recur(
+                        q, k, v, g, beta, scale=dk**-0.5, initial_state=s0, output_final_state=True
+                    )
+
+            else:
+
+                def fn(i, bufs=bufs):
+                    q, k, v, g, beta, s0 = bufs[i]
+                    return chunk(
+                        q,
+                        k,
+                        v,
+                        g,
+                        beta,
+                        scale=dk**-0.5,
+                        initial_state=None,
+                        output_final_state=True,
+                    )
+
+            r = cx.timer.graph(fn, nb)
+        except Exception as exc:  # noqa: BLE001
+            cx.error(f"gdn {phase} {method} B={b} T={t}", exc)
+            continue
+        finally:
+            bufs = None
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        # q, k (16 heads), v in and the output (32 heads) in bf16; g fp32 and beta bf16
+        io_bytes = b * t * (2 * (2 * hk * dk + 2 * hv * dv) + 4 * hv + 2 * hv)
+        state_io = state_b * b * (2 if phase == "decode" else 1)  # prefill writes the final state
+        w.row(
+            "gdn",
+            dict(
+                model=QWEN35_GDN["name"] if not cx.dry else "tiny",
+                phase=phase,
+                method=method,
+                kernel_is_fused=method.startswith("fla"),
+                key_heads=hk,
+                value_heads=hv,
+                key_dim=dk,
+                value_dim=dv,
+                batch=b,
+                tokens=t,
+                state_dtype="fp32",
+                state_bytes=state_b * b,
+                flops=flops_tok * b * t,
+                bytes=state_io + (io_bytes if method != "torch_state_rw" else 0),
+                n_buffers=nb,
+                **r,
+            ),
+        )
+        log(f"  gdn {phase:7s} {method:20s} B={b:3d} T={t:5d}: {r['seconds'] * 1e6:9.1f} us")
+    log(f"  gdn done ({cx.left():.0f} s left)")
+
+
 def sec_profile(cx: Ctx, w: Writer) -> None:
     """Diagnostics only: torch.profiler kernel table of two whole steps (log, no CSV)."""
     if cx.dry:
@@ -1061,13 +1772,36 @@ SECTIONS = {
     "gemm": sec_gemm,
     "attention_prefill": sec_attention_prefill,
     "attention_decode": sec_attention_decode,
+    "attention_decode_qwen3": sec_attention_decode_qwen3,
     "elementwise": sec_elementwise,
     "steps": sec_steps,
     "moe": sec_moe,
+    "moe_steps": sec_moe_steps,
+    "moe_routing": sec_moe_routing,
+    "moe_routed": sec_moe_routed,
+    "gdn": sec_gdn,
+    "steps_recheck": sec_steps_recheck,
     "profile": sec_profile,
     "clocks": sec_clocks,
 }
-DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("profile", "clocks")]
+DEFAULT_SECTIONS = [
+    "launch",
+    "memcpy",
+    "gemm",
+    "attention_prefill",
+    "attention_decode",
+    "elementwise",
+    "steps",
+    "moe",
+]
+
+
+def _version(module: str) -> str | None:
+    """``module.__version__``, or None where it does not import."""
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # noqa: BLE001 - optional packages
+        return None
 
 
 def metadata(cx: Ctx) -> dict:
@@ -1078,6 +1812,8 @@ def metadata(cx: Ctx) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cx.device == "cuda" else None,
+        "triton": _version("triton"),
+        "fla": _version("fla"),
         "device": cx.device,
         "dry_run": cx.dry,
         "reps": cx.args.reps,
@@ -1092,6 +1828,15 @@ def metadata(cx: Ctx) -> dict:
         "steps_layers": "all 32 decoder layers of Llama-3.1-8B with distinct weights + final "
         "norm + LM head on one row per sequence; no embedding lookup, no sampling",
         "moe_method": "torch._grouped_mm per projection if it runs, else loop over experts",
+        "moe_steps_layers": "all 48 decoder layers of Qwen3-30B-A3B (q/k RMSNorm, RoPE, KV "
+        "write, FlashAttention; router, softmax, top-8 of 128 by real routing of random hidden "
+        "states, sort by expert, torch._grouped_mm gate_up and down, weighted index_add back), "
+        "weights cycled over --moe-weight-gib of distinct layer sets, + final norm + LM head on "
+        "one row per sequence; no embedding lookup, no sampling",
+        "gdn_method": "flash-linear-attention chunk_gated_delta_rule (prefill) and "
+        "fused_recurrent_gated_delta_rule (decode) where fla imports; always the plain-torch "
+        "proxies torch_recurrent (unfused decode recurrence) and torch_state_rw (one read + "
+        "one write of the fp32 state)",
     }
     if cx.device == "cuda":
         p = torch.cuda.get_device_properties(0)
@@ -1133,6 +1878,24 @@ def main(argv=None) -> int:
         help="replay each case this long before timing it (clocks settle under load)",
     )
     ap.add_argument("--kv-budget-gib", type=float, default=16.0, help="KV buffers in step rows")
+    ap.add_argument(
+        "--moe-weight-gib",
+        type=float,
+        default=24.0,
+        help="distinct layer weights of the Qwen3-30B-A3B step rows (layers cycle over them)",
+    )
+    ap.add_argument(
+        "--moe-residual-scale",
+        action="store_true",
+        help="MoE steps: o and expert-down weights at 0.02/sqrt(2 x layers) (prefill routing "
+        "stays spread over the experts; not what the committed rows ran)",
+    )
+    ap.add_argument(
+        "--gdn-budget-s",
+        type=float,
+        default=120.0,
+        help="time cap of section gdn (0: only the kernel check)",
+    )
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help="comma-separated")
     ap.add_argument(
         "--elementwise-ops",
