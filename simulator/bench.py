@@ -168,10 +168,28 @@ def _measure(exp: Experiment, label: str, progress: bool | None) -> dict:
     }
 
 
+def context_experiment(prompt_tokens: int, num_requests: int = 20_000) -> Experiment:
+    """One request at a time through one H200 (Llama-3.1-8B, a step budget that prefills any
+    prompt in one step, no prefix sharing): every request takes the same events (its arrival, one
+    prefill step, 49 decode steps) in batches of one, whatever its prompt length, so the core's
+    time per event isolates the cost of context length."""
+    workload = RequestsWorkload(
+        kind="requests",
+        num_requests=num_requests,
+        arrival={"process": "burst"},
+        prompt_tokens={"dist": "fixed", "value": prompt_tokens},
+        output_tokens={"dist": "fixed", "value": 50},
+    )
+    return Experiment(name=f"bench-context-{prompt_tokens}", seed=1, model="llama-3.1-8b",
+                      hardware="h200", workload=workload,
+                      engine={"max_num_seqs": 1, "max_num_batched_tokens": 131072})
+
+
 def run_cluster_bench(num_requests: int = 1_000_000, scaling: bool = True,
                       progress: bool | None = None) -> dict:
-    """The cluster benchmark, then (``scaling``) the same at a quarter of the requests, and at a
-    quarter of the requests with contexts a quarter as long."""
+    """The cluster benchmark, then (``scaling``) the same at a quarter of the requests and at a
+    quarter of the requests with contexts a quarter as long, and the context check: the same
+    requests one at a time with 1k- and 100k-token prompts."""
     compile_seconds = _compile_seconds(cluster_experiment(300))
     runs = [_measure(cluster_experiment(num_requests), "main", progress)]
     if scaling:
@@ -179,6 +197,9 @@ def run_cluster_bench(num_requests: int = 1_000_000, scaling: bool = True,
         runs.append(_measure(cluster_experiment(quarter), "quarter requests", progress))
         runs.append(_measure(cluster_experiment(quarter, 0.25), "quarter requests, contexts / 4",
                              progress))
+        for prompt in (1_000, 100_000):
+            runs.append(_measure(context_experiment(prompt), f"one at a time, {prompt:,}-token "
+                                 "prompts", progress))
     return {
         "workload": (
             f"agentic sessions on {CLUSTER_REPLICAS} x H200 serving Qwen3.5-35B-A3B bf16, "

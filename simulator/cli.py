@@ -255,7 +255,7 @@ def _print_cluster_bench(report: dict) -> None:
             f"{r['prefix_cache_hit_rate']:.1%}, {r['num_preemptions']:,} preemptions; "
             f"peak RSS so far {r['peak_rss_mib']:,.0f} MiB")
     runs = {r["label"]: r for r in report["runs"]}
-    if len(runs) == 3:
+    if len(runs) == 5:
         main, quarter = runs["main"], runs["quarter requests"]
         short = runs["quarter requests, contexts / 4"]
         click.echo(
@@ -266,8 +266,14 @@ def _print_cluster_bench(report: dict) -> None:
             f"flat in context length: mean prompt {short['mean_prompt_tokens']:,.0f} -> "
             f"{quarter['mean_prompt_tokens']:,.0f} tokens: core us/event "
             f"{short['loop_us_per_event']:.2f} -> {quarter['loop_us_per_event']:.2f} "
-            f"(x{quarter['loop_us_per_event'] / short['loop_us_per_event']:.2f}); events are "
-            "engine steps and arrivals, and a step's work depends on its batch, not on contexts")
+            f"(x{quarter['loop_us_per_event'] / short['loop_us_per_event']:.2f}): longer "
+            "contexts, fewer sessions per replica, other batches")
+        one, hundred = (runs[f"one at a time, {n:,}-token prompts"] for n in (1_000, 100_000))
+        click.echo(
+            f"context check (one request at a time, {one['events_per_request']:.0f} events "
+            f"each): core us/event {one['loop_us_per_event']:.2f} with 1,000-token prompts, "
+            f"{hundred['loop_us_per_event']:.2f} with 100,000-token prompts "
+            f"(x{hundred['loop_us_per_event'] / one['loop_us_per_event']:.2f})")
 
 
 def _print_soak(report: dict) -> None:

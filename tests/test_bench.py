@@ -42,15 +42,20 @@ def test_cluster_workload_is_the_documented_one():
 def test_cluster_bench_report_adds_up():
     report = run_cluster_bench(2_000, scaling=True, progress=False)
     labels = [r["label"] for r in report["runs"]]
-    assert labels == ["main", "quarter requests", "quarter requests, contexts / 4"]
+    assert labels == ["main", "quarter requests", "quarter requests, contexts / 4",
+                      "one at a time, 1,000-token prompts", "one at a time, 100,000-token prompts"]
     for r in report["runs"]:
         assert r["num_finished"] == r["num_requests"] > 0
         assert 0 < r["loop_seconds"] <= r["wall_seconds"]
         assert math.isclose(r["loop_us_per_event"] * r["num_events"] / 1e6, r["loop_seconds"])
         assert r["events_per_request"] > 1
-    main_run, quarter, short = report["runs"]
+    main_run, quarter, short, one, hundred = report["runs"]
     assert quarter["num_requests"] < main_run["num_requests"]
     assert short["mean_prompt_tokens"] < 0.5 * quarter["mean_prompt_tokens"]
+    # the context check: the same events per request whatever the prompt length
+    assert one["max_prompt_tokens"] == 1_000 and hundred["max_prompt_tokens"] == 100_000
+    assert one["num_events"] == hundred["num_events"]
+    assert round(one["events_per_request"]) == 51  # arrival, one prefill step, 49 decodes
 
 
 def test_cli_cluster_bench_json():
