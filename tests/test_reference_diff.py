@@ -178,13 +178,11 @@ def run_both(sc: Scenario):
 )
 @given(scenarios())
 def test_core_agrees_with_reference(sc: Scenario):
-    core, ref = run_both(sc)
-    problems = compare(core, ref)
-    assert not problems, "\n".join(problems) + "\n" + sc.describe()
-    assert check_result(core) == []
+    assert_agrees(sc)
 
 
-def _agree_with_tiers(sc: Scenario) -> None:
+def assert_agrees(sc: Scenario) -> None:
+    """Core and reference give the same times and counters; the core's invariants hold."""
     core, ref = run_both(sc)
     problems = compare(core, ref)
     assert not problems, "\n".join(problems) + "\n" + sc.describe()
@@ -201,7 +199,7 @@ def _agree_with_tiers(sc: Scenario) -> None:
 def test_core_agrees_with_reference_with_host_tier_and_prefetch(sc: Scenario):
     """The same, with small host KV tiers (LRU retention, or offload-and-prefetch) on the
     replicas with prefix caching, and tool waits long enough to prefetch."""
-    _agree_with_tiers(sc)
+    assert_agrees(sc)
 
 
 @settings(
@@ -214,7 +212,7 @@ def test_core_agrees_with_reference_with_host_tier_and_prefetch(sc: Scenario):
 def test_core_agrees_with_reference_with_session_ttl(sc: Scenario):
     """The same with session-TTL retention (protections that expire, break under pressure or
     end when a child is admitted), with or without a host tier."""
-    _agree_with_tiers(sc)
+    assert_agrees(sc)
 
 
 @settings(
@@ -227,7 +225,7 @@ def test_core_agrees_with_reference_with_session_ttl(sc: Scenario):
 def test_core_agrees_with_reference_disaggregated(sc: Scenario):
     """The same with prefill and decode pools: routing over both pools, conditional (local)
     prefill, hand-offs, block allocation and serialised KV moves on the decode side."""
-    _agree_with_tiers(sc)
+    assert_agrees(sc)
 
 
 @settings(
@@ -240,7 +238,7 @@ def test_core_agrees_with_reference_disaggregated(sc: Scenario):
 def test_core_agrees_with_reference_speculative(sc: Scenario):
     """The same with speculative decoding on most replicas: drafts in the budget and the
     blocks, draft passes in the step time, per-request acceptance, rollback, chunks."""
-    _agree_with_tiers(sc)
+    assert_agrees(sc)
 
 
 # ----------------------------------------------------------------------------------------------
