@@ -9,7 +9,10 @@
 * children are dispatched exactly ``wait_after_ready`` after their last parent finished;
 * KV blocks are conserved: at the end every block is back in the free queue, and during a run
   ``free + referenced + private == pool`` (:func:`check_kv`); a host tier never holds more than
-  its capacity and its LRU ring lists exactly the nodes with host blocks.
+  its capacity and its LRU ring lists exactly the nodes with host blocks;
+* reference counts are what the requests say (with the workload): each node's count of requests
+  that reference all of it, of those whose frontier is in it, and their largest extent, are
+  recomputed from every referencing request's own path and frontier (:func:`check_references`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from simulator.core.kvcache import (
     KN_PMAX,
     KN_RES,
     KS_BLOCKS,
+    KS_CACHING,
     KS_FREE,
     KS_HBLOCKS,
     KS_HEAD,
@@ -37,11 +41,17 @@ from simulator.core.kvcache import (
 )
 from simulator.core.state import (
     RQ_DECODE_REPLICA,
+    RQ_FEXT,
+    RQ_FPOS,
+    RQ_PINNED,
     RQ_PREFILL_REPLICA,
     RQ_PRIVATE,
     RQ_PRIVATE_P,
     RQ_REPLICA,
     RQ_STATUS,
+    RQ_XFER_START,
+    ST_LOADING,
+    ST_RUNNING,
     ST_TRANSFERRING,
 )
 
@@ -95,14 +105,57 @@ def result_expected_outputs(result, fin) -> np.ndarray:
     return result.expected_output_tokens[fin["request_id"].to_numpy()]
 
 
-def check_kv(kv: KVState, q) -> list[str]:
+def check_references(kv: KVState, q, wl) -> list[str]:
+    """Each node's reference counts (``KN_FULL``, ``KN_PART``, ``KN_PMAX``) recomputed from the
+    requests that hold references: running or loading ones on their replica, finished ones a
+    session TTL protects, and a request whose KV is moving on its prefill replica and, once the
+    move started, on its decode replica. A request references every node of its path before its
+    frontier (``RQ_FPOS``) in full and ``RQ_FEXT`` blocks of the frontier node."""
+    problems: list[str] = []
+    n_rep, n_nodes = kv.kvn.shape[0], kv.kvn.shape[1]
+    full = np.zeros((n_rep, n_nodes), dtype=np.int64)
+    part = np.zeros((n_rep, n_nodes), dtype=np.int64)
+    pmax = np.zeros((n_rep, n_nodes), dtype=np.int64)
+    rqi, rqf = q.rqi, q.rqf
+    status = rqi[:, RQ_STATUS]
+    active = np.flatnonzero((status == ST_RUNNING) | (status == ST_LOADING)
+                            | (status == ST_TRANSFERRING) | (rqi[:, RQ_PINNED] == 1))
+    for r in active:
+        reps = [int(rqi[r, RQ_REPLICA])]
+        if status[r] == ST_TRANSFERRING:
+            reps = [int(rqi[r, RQ_PREFILL_REPLICA])]
+            if not np.isnan(rqf[r, RQ_XFER_START]):
+                reps.append(int(rqi[r, RQ_DECODE_REPLICA]))
+        start, fpos, fext = int(wl.req_path_start[r]), int(rqi[r, RQ_FPOS]), int(rqi[r, RQ_FEXT])
+        for rep in reps:
+            if kv.kvs[rep, KS_CACHING] != 1:
+                continue
+            for j in range(start, fpos):
+                full[rep, wl.path_nodes[j]] += 1
+            c = wl.path_nodes[fpos]
+            part[rep, c] += 1
+            pmax[rep, c] = max(pmax[rep, c], fext)
+    for name, col, want in (("full", KN_FULL, full), ("partial", KN_PART, part),
+                            ("largest partial extent", KN_PMAX, pmax)):
+        bad = np.argwhere(kv.kvn[:, :, col] != want)
+        if bad.size:
+            rep, c = (int(x) for x in bad[0])
+            problems.append(f"replica {rep}: node {c} records {int(kv.kvn[rep, c, col])} as its "
+                            f"{name} references, its requests say {int(want[rep, c])}")
+    return problems
+
+
+def check_kv(kv: KVState, q, wl=None) -> list[str]:
     """Block conservation and free-queue consistency at an arbitrary point of a run.
 
     For every replica: free-queue blocks + blocks referenced by running requests + private
     blocks of requests == pool size; each node's queued runs cover exactly its cached but
-    unreferenced blocks; reference counts are never negative.
+    unreferenced blocks; reference counts are never negative. With the workload ``wl``, also
+    :func:`check_references`.
     """
     problems: list[str] = []
+    if wl is not None:
+        problems += check_references(kv, q, wl)
     n_rep = kv.kvs.shape[0]
     cap = kv.ent.shape[1]
     nb = kv.node_blocks[:, NB_NUM]

@@ -473,7 +473,7 @@ def simulate(
         if on_chunk is not None:
             on_chunk(int(g.gi[G_NUM_DONE]), int(g.gi[G_NUM_EVENTS]))
         if check_every > 0:
-            problems = check_kv(kv, q)
+            problems = check_kv(kv, q, wl)
             if problems:
                 raise InvariantError(
                     f"after {int(g.gi[G_NUM_EVENTS])} events (t = {g.now[0]:.6f} s): "

@@ -24,7 +24,7 @@ from test_reference_scenarios import MANY, Scenario, scenarios
 
 import simulator.simulate
 from simulator.config import parse_experiment
-from simulator.core.kvcache import KN_RES, KS_BLOCKS, KS_FREE
+from simulator.core.kvcache import KN_FULL, KN_RES, KS_BLOCKS, KS_FREE
 from simulator.core.loop import run_events
 from simulator.core.state import CORE_PAUSED, RP_MAX_SEQS, RP_N_RUNNING, RQ_PRIVATE
 from simulator.invariants import check_kv, check_result
@@ -66,7 +66,7 @@ class EventChecker:
         for _ in range(max_events):
             status = run_events(kv, q, p, wl, g, heap, 1)
             self.events += 1
-            self.check(kv, q, p, g)
+            self.check(kv, q, p, g, wl)
             if self.events == self.stop_after:
                 self.state = (kv, q, p, wl, g, heap)
                 raise Stop
@@ -74,9 +74,9 @@ class EventChecker:
                 return status
         return CORE_PAUSED
 
-    def check(self, kv, q, p, g) -> None:
+    def check(self, kv, q, p, g, wl) -> None:
         where = f"after event {self.events} (t = {g.now[0]})"
-        problems = check_kv(kv, q)
+        problems = check_kv(kv, q, wl)
         assert not problems, f"{where}: {problems}"
         assert g.now[0] >= self.last_time, f"{where}: time went back from {self.last_time}"
         self.last_time = g.now[0]
@@ -194,6 +194,26 @@ def test_check_kv_catches_corruption():
     private = int(np.flatnonzero(q.rqi[:, RQ_PRIVATE])[0])
     q.rqi[private, RQ_PRIVATE] += 1  # a request claims a block it does not hold
     assert any("!= pool" in s for s in check_kv(kv, q))
+
+
+def test_check_references_catches_a_lost_reference():
+    """The TTL bug the reference model found: a node's count misses a request that references
+    it, so blocks return to the free queue while in use. Conservation alone cannot see that
+    (its "referenced" figure comes from the same counts); recounting from the requests does."""
+    checker = EventChecker(stop_after=40)
+    try:
+        run(busy_scenario(), checker)
+    except Stop:
+        pass
+    kv, q, _, wl, *_ = checker.state
+    assert check_kv(kv, q, wl) == []
+    rep_nodes = np.argwhere(kv.kvn[:, :, KN_FULL] > 0)
+    assert rep_nodes.size, "the scenario should have fully referenced nodes here"
+    rep, node = (int(x) for x in rep_nodes[0])
+    kv.kvn[rep, node, KN_FULL] -= 1  # one referencing request forgotten
+    assert any("full references" in s for s in check_kv(kv, q, wl))
+    kv.kvn[rep, node, KN_FULL] += 1
+    assert check_kv(kv, q, wl) == []
 
 
 def test_check_result_catches_violations():
