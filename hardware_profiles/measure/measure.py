@@ -106,25 +106,33 @@ def log(msg: str) -> None:
 
 
 class Writer:
-    """Appends rows to one CSV per kind, header from the first row, flushed per row."""
+    """One CSV per kind, flushed per row. Its header is the union of the rows' fields: sections
+    that share a file (``steps`` and ``moe_steps`` both write steps.csv) may add columns, and
+    the file is rewritten with the wider header (rows lacking a field get it empty)."""
 
     def __init__(self, out: Path):
         self.out = out
-        self.files: dict[str, tuple] = {}
+        self.rows: dict[str, list[dict]] = {}
+        self.fields: dict[str, list[str]] = {}
 
     def row(self, kind: str, row: dict) -> None:
-        if kind not in self.files:
-            f = open(self.out / f"{kind}.csv", "w", newline="")
-            w = csv.DictWriter(f, fieldnames=list(row))
-            w.writeheader()
-            self.files[kind] = (f, w)
-        f, w = self.files[kind]
-        w.writerow(row)
-        f.flush()
+        rows = self.rows.setdefault(kind, [])
+        fields = self.fields.setdefault(kind, [])
+        rows.append(row)
+        new = [k for k in row if k not in fields]
+        fields.extend(new)
+        path = self.out / f"{kind}.csv"
+        if new:  # (re)write the whole file under the wider header
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields, restval="")
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields, restval="").writerow(row)
 
     def close(self) -> None:
-        for f, _ in self.files.values():
-            f.close()
+        """Every row is on disk already (files are closed after each write)."""
 
 
 class Timer:
@@ -845,6 +853,60 @@ def sec_launch(cx: Ctx, w: Writer) -> None:
 # ------------------------------------------------------------------------------ whole steps
 
 
+def step_buffers(cx, c: dict, n_layers: int, rope_theta: float, pre_new: int, pre_ctx: int,
+                 dec_batch: int, dec_ctx: int):
+    """Inputs of one whole-step case: one prefill chunk of ``pre_new`` tokens after ``pre_ctx``
+    cached ones, plus ``dec_batch`` decodes at ``dec_ctx``. KV buffers rotate over as many
+    per-layer sets as ``--kv-budget-gib`` allows (at least 2, at most one per layer), so KV
+    streams from HBM. Returns (tokens, KV sets, KV buffers, hidden states, rope cos, rope sin,
+    index of the rows that feed the LM head)."""
+    dev = cx.device
+    h, d, hk = c["hidden"], c["head_dim"], c["kv_heads"]
+    t = pre_new + dec_batch
+    per_layer_kv = 2 * 2 * hk * d * ((pre_ctx + pre_new) + dec_batch * (dec_ctx + 1))
+    n_kv = max(2, min(n_layers, int(cx.args.kv_budget_gib * GiB // per_layer_kv)))
+    kv = []
+    for _ in range(n_kv):
+        kvp = None
+        if pre_new:
+            kvp = (rnd((1, pre_ctx + pre_new, hk, d), dev), rnd((1, pre_ctx + pre_new, hk, d), dev))
+        kvd = None
+        if dec_batch:
+            kvd = (rnd((dec_batch, dec_ctx + 1, hk, d), dev),
+                   rnd((dec_batch, dec_ctx + 1, hk, d), dev))
+        kv.append((kvp, kvd))
+    x0 = rnd((t, h), dev)
+    pos = torch.cat(
+        [
+            torch.arange(pre_ctx, pre_ctx + pre_new, device=dev),
+            torch.full((dec_batch,), dec_ctx, device=dev),
+        ]
+    ).float()
+    inv = 1.0 / (rope_theta ** (torch.arange(0, d, 2, device=dev).float() / d))
+    ang = pos[:, None] * inv[None, :]
+    cos = ang.cos().to(torch.bfloat16)[:, None, :]
+    sin = ang.sin().to(torch.bfloat16)[:, None, :]
+    last = [pre_new - 1] if pre_new else []
+    last += list(range(pre_new, t))
+    last_idx = torch.tensor(last, device=dev, dtype=torch.long)
+    return t, n_kv, kv, x0, cos, sin, last_idx
+
+
+def step_attention(attn, q, k, v, kvp, kvd, pre_new, pre_ctx, dec_batch, dec_ctx):
+    """Write the step's K/V into its buffers and attend: the prefill chunk (causal, after its
+    cached context) and the decodes (one query each), as one [tokens, heads, dim] tensor."""
+    outs = []
+    if pre_new:
+        kvp[0][0, pre_ctx:].copy_(k[:pre_new])
+        kvp[1][0, pre_ctx:].copy_(v[:pre_new])
+        outs.append(attn(q[None, :pre_new], kvp[0], kvp[1], True)[0])
+    if dec_batch:
+        kvd[0][:, dec_ctx].copy_(k[pre_new:])
+        kvd[1][:, dec_ctx].copy_(v[pre_new:])
+        outs.append(attn(q[pre_new:, None], kvd[0], kvd[1], True)[:, 0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class Llama:
     """Llama-3.1-8B forward over a batch: ``layers`` decoder layers with distinct bf16 weights,
     final RMSNorm and the LM head on one row per sequence (fp32 logits). RoPE applied with torch
@@ -876,43 +938,10 @@ class Llama:
 
     def make_step(self, pre_new, pre_ctx, dec_batch, dec_ctx):
         """Build buffers for one batch; returns a zero-argument callable running the forward."""
-        cx, dev, c = self.cx, self.cx.device, self.c
-        h, d, hq, hk = c["hidden"], c["head_dim"], c["heads"], c["kv_heads"]
-        t = pre_new + dec_batch
-        per_layer_kv = 2 * 2 * hk * d * ((pre_ctx + pre_new) + dec_batch * (dec_ctx + 1))
-        n_kv = max(2, min(len(self.layers), int(cx.args.kv_budget_gib * GiB // per_layer_kv)))
-        kv = []
-        for _ in range(n_kv):
-            kvp = (
-                (rnd((1, pre_ctx + pre_new, hk, d), dev), rnd((1, pre_ctx + pre_new, hk, d), dev))
-                if pre_new
-                else None
-            )
-            kvd = (
-                (
-                    rnd((dec_batch, dec_ctx + 1, hk, d), dev),
-                    rnd((dec_batch, dec_ctx + 1, hk, d), dev),
-                )
-                if dec_batch
-                else None
-            )
-            kv.append((kvp, kvd))
-        x0 = rnd((t, h), dev)
-        pos = torch.cat(
-            [
-                torch.arange(pre_ctx, pre_ctx + pre_new, device=dev),
-                torch.full((dec_batch,), dec_ctx, device=dev),
-            ]
-        ).float()
-        inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=dev).float() / d))
-        ang = pos[:, None] * inv[None, :]
-        cos = ang.cos().to(torch.bfloat16)[:, None, :]
-        sin = ang.sin().to(torch.bfloat16)[:, None, :]
-        last = []
-        if pre_new:
-            last.append(pre_new - 1)
-        last += list(range(pre_new, t))
-        last_idx = torch.tensor(last, device=dev, dtype=torch.long)
+        cx, c = self.cx, self.c
+        d, hq, hk = c["head_dim"], c["heads"], c["kv_heads"]
+        t, n_kv, kv, x0, cos, sin, last_idx = step_buffers(
+            cx, c, len(self.layers), 500000.0, pre_new, pre_ctx, dec_batch, dec_ctx)
         attn = cx.attn
         layers = self.layers
         has_rms = self.has_rms
@@ -925,16 +954,7 @@ class Llama:
                 qkv = F.linear(hn, L["qkv"]).view(t, hq + 2 * hk, d)
                 q, k = rope_qk(qkv, hq, hk, cos, sin)
                 v = qkv[:, hq + hk :]
-                outs = []
-                if pre_new:
-                    kvp[0][0, pre_ctx:].copy_(k[:pre_new])
-                    kvp[1][0, pre_ctx:].copy_(v[:pre_new])
-                    outs.append(attn(q[None, :pre_new], kvp[0], kvp[1], True)[0])
-                if dec_batch:
-                    kvd[0][:, dec_ctx].copy_(k[pre_new:])
-                    kvd[1][:, dec_ctx].copy_(v[pre_new:])
-                    outs.append(attn(q[pre_new:, None], kvd[0], kvd[1], True)[:, 0])
-                a = outs[0] if len(outs) == 1 else torch.cat(outs)
+                a = step_attention(attn, q, k, v, kvp, kvd, pre_new, pre_ctx, dec_batch, dec_ctx)
                 x = x + F.linear(a.reshape(t, hq * d), L["o"])
                 hn = rms_norm(x, L["n2"], has_rms)
                 gu = F.linear(hn, L["gu"])
@@ -1153,43 +1173,10 @@ class QwenMoe:
     def make_step(self, pre_new, pre_ctx, dec_batch, dec_ctx):
         """Build buffers for one batch; returns ``step(record=None)`` running the forward
         (``record``: a list that gets the number of experts touched in every layer)."""
-        cx, dev, c = self.cx, self.cx.device, self.c
-        h, d, hq, hk = c["hidden"], c["head_dim"], c["heads"], c["kv_heads"]
-        t = pre_new + dec_batch
-        per_layer_kv = 2 * 2 * hk * d * ((pre_ctx + pre_new) + dec_batch * (dec_ctx + 1))
-        n_kv = max(2, min(c["layers"], int(cx.args.kv_budget_gib * GiB // per_layer_kv)))
-        kv = []
-        for _ in range(n_kv):
-            kvp = (
-                (rnd((1, pre_ctx + pre_new, hk, d), dev), rnd((1, pre_ctx + pre_new, hk, d), dev))
-                if pre_new
-                else None
-            )
-            kvd = (
-                (
-                    rnd((dec_batch, dec_ctx + 1, hk, d), dev),
-                    rnd((dec_batch, dec_ctx + 1, hk, d), dev),
-                )
-                if dec_batch
-                else None
-            )
-            kv.append((kvp, kvd))
-        x0 = rnd((t, h), dev)
-        pos = torch.cat(
-            [
-                torch.arange(pre_ctx, pre_ctx + pre_new, device=dev),
-                torch.full((dec_batch,), dec_ctx, device=dev),
-            ]
-        ).float()
-        inv = 1.0 / (1000000.0 ** (torch.arange(0, d, 2, device=dev).float() / d))
-        ang = pos[:, None] * inv[None, :]
-        cos = ang.cos().to(torch.bfloat16)[:, None, :]
-        sin = ang.sin().to(torch.bfloat16)[:, None, :]
-        last = []
-        if pre_new:
-            last.append(pre_new - 1)
-        last += list(range(pre_new, t))
-        last_idx = torch.tensor(last, device=dev, dtype=torch.long)
+        cx, c = self.cx, self.c
+        d, hq, hk = c["head_dim"], c["heads"], c["kv_heads"]
+        t, n_kv, kv, x0, cos, sin, last_idx = step_buffers(
+            cx, c, c["layers"], 1000000.0, pre_new, pre_ctx, dec_batch, dec_ctx)
         attn = cx.attn
         sets = self.sets
         has_rms = self.has_rms
@@ -1207,16 +1194,7 @@ class QwenMoe:
                 q = rope_half(rms_norm(qkv[:, :hq], L["qn"], has_rms), cos, sin)
                 k = rope_half(rms_norm(qkv[:, hq : hq + hk], L["kn"], has_rms), cos, sin)
                 v = qkv[:, hq + hk :]
-                outs = []
-                if pre_new:
-                    kvp[0][0, pre_ctx:].copy_(k[:pre_new])
-                    kvp[1][0, pre_ctx:].copy_(v[:pre_new])
-                    outs.append(attn(q[None, :pre_new], kvp[0], kvp[1], True)[0])
-                if dec_batch:
-                    kvd[0][:, dec_ctx].copy_(k[pre_new:])
-                    kvd[1][:, dec_ctx].copy_(v[pre_new:])
-                    outs.append(attn(q[pre_new:, None], kvd[0], kvd[1], True)[:, 0])
-                a = outs[0] if len(outs) == 1 else torch.cat(outs)
+                a = step_attention(attn, q, k, v, kvp, kvd, pre_new, pre_ctx, dec_batch, dec_ctx)
                 x = x + F.linear(a.reshape(t, hq * d), L["o"])
                 hn = rms_norm(x, L["n2"], has_rms)
                 x = x + moe_block(hn, L, c, ones, grouped, record)
